@@ -1,0 +1,14 @@
+"""Algorithm classes for the slipstream Trainer, one per method."""
+
+from slipstream.algorithms.base import Algorithm, Event, State, SurgeryAlgorithm
+from slipstream.algorithms.low_precision_groupnorm import LowPrecisionGroupNorm
+from slipstream.algorithms.low_precision_layernorm import LowPrecisionLayerNorm
+
+__all__ = [
+    "Algorithm",
+    "Event",
+    "State",
+    "SurgeryAlgorithm",
+    "LowPrecisionLayerNorm",
+    "LowPrecisionGroupNorm",
+]

@@ -1,0 +1,6 @@
+"""Drop-in modules that slipstream's surgery swaps into models."""
+
+from slipstream.nn.group_norm import LPGroupNorm
+from slipstream.nn.layer_norm import LPLayerNorm
+
+__all__ = ["LPLayerNorm", "LPGroupNorm"]
