@@ -13,4 +13,13 @@ from slipstream.surgery import NoEffectWarning, SurgeryWarning, replace_module_c
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "PRECISIONS", "NoEffectWarning", "SurgeryWarning", "replace_module_classes"]
+__all__ = ["__version__", "PRECISIONS", "NoEffectWarning", "SurgeryWarning", "replace_module_classes", "Trainer"]
+
+
+def __getattr__(name: str):
+    # The Trainer is imported on first use, so `import slipstream` stays light.
+    if name == "Trainer":
+        from slipstream.trainer import Trainer
+
+        return Trainer
+    raise AttributeError(f"module 'slipstream' has no attribute {name!r}")

@@ -58,6 +58,27 @@ class Time:
     def __str__(self) -> str:
         return f"{self.value}{self.unit.value}"
 
+    def reached(self, timestamp: "Timestamp") -> bool:
+        """Whether ``timestamp`` has come this far (a duration is used up).
+
+        Example:
+            >>> Time.parse('3ba').reached(Timestamp(batch=3))
+            True
+        """
+        return timestamp.get(self.unit) >= self.value
+
+    def crossed(self, before: "Timestamp", after: "Timestamp") -> bool:
+        """Whether a multiple of this interval lies in ``(before, after]`` (an interval fires).
+
+        Counting multiples rather than testing ``after % value == 0`` lets sample intervals fire
+        when a batch steps over the boundary.
+
+        Example:
+            >>> Time.parse('100sp').crossed(Timestamp(sample=96), Timestamp(sample=128))
+            True
+        """
+        return after.get(self.unit) // self.value > before.get(self.unit) // self.value
+
 
 @dataclass
 class Timestamp:

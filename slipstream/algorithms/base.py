@@ -17,11 +17,14 @@ __all__ = ["Event", "State", "Algorithm", "SurgeryAlgorithm"]
 class Event(str, Enum):
     """Points in the training loop where the Trainer calls algorithms, in the order they fire.
 
-    ``INIT`` once when the Trainer is built (before optimizers and DDP wrapping); ``FIT_START`` at
-    the start of ``fit()``; then per epoch ``EPOCH_START``, per batch ``BATCH_START``,
-    ``BEFORE_FORWARD``, ``AFTER_FORWARD``, ``BEFORE_LOSS``, ``AFTER_LOSS``, ``BEFORE_BACKWARD``,
-    ``AFTER_BACKWARD``, ``BATCH_END``; ``EPOCH_END``; ``EVAL_START``/``EVAL_END`` around each
-    evaluation; ``FIT_END`` last.
+    ``INIT`` once when the Trainer is built (before the model moves to its device, before the
+    default optimizer is made, a checkpoint is loaded and DDP wraps the model); ``FIT_START`` at
+    the start of each ``fit()`` (also a resumed one); then per epoch ``EPOCH_START``, per batch
+    ``BATCH_START``, ``BEFORE_FORWARD``, ``AFTER_FORWARD``, ``BEFORE_LOSS``, ``AFTER_LOSS``,
+    ``BEFORE_BACKWARD``, ``AFTER_BACKWARD`` (the optimizer steps after it), ``BATCH_END``;
+    ``EPOCH_END`` after an epoch's last batch. ``EVAL_START``/``EVAL_END`` surround each evaluation,
+    which runs after the ``BATCH_END`` or ``EPOCH_END`` where its interval falls, and once more
+    before ``FIT_END`` if the end of training was not evaluated yet. ``FIT_END`` last.
     """
 
     INIT = "init"
@@ -45,6 +48,11 @@ class Event(str, Enum):
 class State:
     """What algorithms see and may change. The Trainer fills it; custom loops can build one by hand.
 
+    ``model`` is always the bare module (the Trainer runs the forward through its DDP wrapper);
+    ``dataloader_len`` is the number of batches one rank takes per epoch; ``timestamp`` counts
+    completed epochs, batches and samples (samples summed over all ranks); ``batch``, ``outputs``
+    and ``loss`` belong to the batch in flight; ``eval_metrics`` holds the last evaluation's results.
+
     Example:
         >>> state = State(model=nn.Linear(2, 2), precision='amp_bf16')
         >>> state.timestamp.batch
@@ -64,6 +72,9 @@ class State:
     loss: Optional[torch.Tensor] = None
     rank: int = 0
     world_size: int = 1
+    device: Optional[torch.device] = None
+    eval_dataloader: Optional[Any] = None
+    eval_metrics: dict[str, float] = field(default_factory=dict)
 
 
 class Algorithm:
