@@ -13,11 +13,11 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from slipstream.nn import LPGroupNorm, LPLayerNorm
+from slipstream.nn import FusedLayerNorm, LPGroupNorm, LPLayerNorm
 from slipstream.precision import autocast_dtype
 from slipstream.surgery import NoEffectWarning, replace_module_classes
 
-__all__ = ["apply_low_precision_layernorm", "apply_low_precision_groupnorm"]
+__all__ = ["apply_fused_layernorm", "apply_low_precision_layernorm", "apply_low_precision_groupnorm"]
 
 Optimizers = Optional[Union[torch.optim.Optimizer, Iterable[torch.optim.Optimizer]]]
 
@@ -99,3 +99,24 @@ def apply_low_precision_groupnorm(
     if not _low_precision_has_effect(precision, "apply_low_precision_groupnorm"):
         return {}
     return _replace_all(model, nn.GroupNorm, LPGroupNorm.from_module, optimizers, "apply_low_precision_groupnorm")
+
+
+def apply_fused_layernorm(model: nn.Module, optimizers: Optimizers = None) -> dict[nn.Module, nn.Module]:
+    """Replace ``nn.LayerNorm`` modules with :class:`~slipstream.nn.FusedLayerNorm`.
+
+    The replaced norms run slipstream's Triton LayerNorm on CUDA (one launch forward, fp32 math; under
+    autocast they write the autocast dtype) and its pure-PyTorch fallback elsewhere.
+
+    Args:
+        model: model to modify in place.
+        optimizers: optimizers built before surgery (they keep working: Parameters are adopted).
+
+    Returns:
+        ``{old_module: new_module}`` for each replaced norm.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+        >>> len(apply_fused_layernorm(model))
+        1
+    """
+    return _replace_all(model, nn.LayerNorm, FusedLayerNorm.from_module, optimizers, "apply_fused_layernorm")

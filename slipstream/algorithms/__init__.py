@@ -1,6 +1,7 @@
 """Algorithm classes for the slipstream Trainer, one per method."""
 
 from slipstream.algorithms.base import Algorithm, Event, State, SurgeryAlgorithm
+from slipstream.algorithms.fused_layernorm import FusedLayerNorm
 from slipstream.algorithms.low_precision_groupnorm import LowPrecisionGroupNorm
 from slipstream.algorithms.low_precision_layernorm import LowPrecisionLayerNorm
 
@@ -9,6 +10,7 @@ __all__ = [
     "Event",
     "State",
     "SurgeryAlgorithm",
+    "FusedLayerNorm",
     "LowPrecisionLayerNorm",
     "LowPrecisionGroupNorm",
 ]

@@ -1,6 +1,6 @@
 """Drop-in modules that slipstream's surgery swaps into models."""
 
 from slipstream.nn.group_norm import LPGroupNorm
-from slipstream.nn.layer_norm import LPLayerNorm
+from slipstream.nn.layer_norm import FusedLayerNorm, LPLayerNorm
 
-__all__ = ["LPLayerNorm", "LPGroupNorm"]
+__all__ = ["FusedLayerNorm", "LPLayerNorm", "LPGroupNorm"]

@@ -7,8 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from slipstream.nn._autocast import active_autocast_dtype, cast_optional
+from slipstream.ops._backend import triton_available
+from slipstream.ops.layer_norm import layer_norm
 
-__all__ = ["LPLayerNorm"]
+__all__ = ["LPLayerNorm", "FusedLayerNorm"]
 
 
 def _layer_norm_config(module: nn.LayerNorm) -> dict:
@@ -28,7 +30,9 @@ class LPLayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` that runs in the autocast dtype (fp16/bf16) instead of being upcast to fp32.
 
     Under autocast, input, weight and bias are cast to the autocast dtype and the norm runs with
-    autocast off, so its output is in that dtype. Outside autocast it is exactly ``nn.LayerNorm``.
+    autocast off, so its output is in that dtype. On CUDA (with Triton) it instead runs slipstream's
+    fused kernel, which reads them as they are, computes in fp32 and writes the autocast dtype: the
+    same result without the cast kernels. Outside autocast it is exactly ``nn.LayerNorm``.
 
     Example:
         >>> ln = LPLayerNorm(8)
@@ -46,8 +50,37 @@ class LPLayerNorm(nn.LayerNorm):
         dtype = active_autocast_dtype(x)
         if dtype is None:
             return super().forward(x)
+        if x.is_cuda and triton_available():
+            # Casting first costs a kernel per tensor: an fp32 residual stream (GPT-2) came out slower.
+            return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, out_dtype=dtype)
         with torch.autocast(x.device.type, enabled=False):
             return F.layer_norm(
                 x.to(dtype), self.normalized_shape, cast_optional(self.weight, dtype),
                 cast_optional(self.bias, dtype), self.eps,
             )
+
+
+class FusedLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` computed by slipstream's fused Triton kernels (one launch forward, fp32 math).
+
+    Same parameters and ``state_dict`` as ``nn.LayerNorm``. On CUDA it runs
+    :func:`slipstream.ops.layer_norm`'s kernels; elsewhere their pure-PyTorch fallback. Under
+    autocast it reads its input in whatever dtype arrives and writes the autocast dtype (fp32 math
+    inside); its backward writes dx in the input's dtype and dW/dB in the parameters' dtype.
+
+    Example:
+        >>> ln = FusedLayerNorm(8)
+        >>> x = torch.randn(2, 8)
+        >>> torch.allclose(ln(x), nn.functional.layer_norm(x, (8,), ln.weight, ln.bias), atol=1e-6)
+        True
+    """
+
+    @classmethod
+    def from_module(cls, module: nn.LayerNorm) -> "FusedLayerNorm":
+        """A replacement with ``module``'s configuration (surgery then adopts its Parameters)."""
+        return cls(**_layer_norm_config(module))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(
+            x, self.normalized_shape, self.weight, self.bias, self.eps, out_dtype=active_autocast_dtype(x)
+        )

@@ -1,3 +1,5 @@
 """Plain tensor ops backed by Triton kernels, with pure-PyTorch fallbacks."""
 
-__all__: list[str] = []
+from slipstream.ops.layer_norm import layer_norm
+
+__all__: list[str] = ["layer_norm"]

@@ -1,0 +1,243 @@
+"""LayerNorm as ``torch.library`` custom ops: Triton kernels on CUDA, a pure-PyTorch fallback elsewhere.
+
+:func:`layer_norm` is the public op. It runs through two custom ops, ``slipstream::layer_norm_fwd``
+and ``slipstream::layer_norm_bwd``, with a registered autograd formula and fake (shape-only)
+implementations, so ``torch.compile`` traces models that use it without graph breaks and sees the
+same numerics as eager mode. Both ops call the kernels of
+:mod:`slipstream.ops.kernels.layer_norm` when :func:`~slipstream.ops._backend.use_triton` says so,
+and :func:`layer_norm_forward_reference` / :func:`layer_norm_backward_reference` otherwise.
+
+Dtypes: the input is read in its own dtype (fp32, fp16 or bf16; float64 always takes the
+fallback), statistics and all arithmetic are fp32, the output is written in ``out_dtype`` (the
+input's dtype by default). The backward writes dx in the input's dtype and dW/dB in the
+parameters' dtypes, so an fp32 residual stream feeding a bf16 norm needs no cast kernel either way.
+
+Strides: the normalized dimensions must be viewable as one contiguous row; the leading dimensions
+may have any single row stride (for example ``x[:, :n]`` of a wider matrix). Any other layout is
+copied once, with ``reshape``, before the kernel runs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from slipstream.ops._backend import use_triton
+
+__all__ = ["layer_norm", "layer_norm_forward_reference", "layer_norm_backward_reference"]
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = _KERNEL_DTYPES + (torch.float64,)
+
+
+def layer_norm(
+    x: Tensor,
+    normalized_shape: Union[int, Sequence[int]],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    *,
+    out_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """Layer normalization over the last ``len(normalized_shape)`` dimensions of ``x``.
+
+    Same math as ``torch.nn.functional.layer_norm``, computed in fp32 whatever the input dtype, in
+    one fused kernel on CUDA (forward and backward). ``out_dtype`` sets the output dtype (default:
+    ``x.dtype``); weight and bias may be fp32 or the input's dtype.
+
+    Example:
+        >>> x = torch.randn(4, 10, 32)
+        >>> w, b = torch.ones(32), torch.zeros(32)
+        >>> y = layer_norm(x, (32,), w, b)
+        >>> torch.allclose(y, torch.nn.functional.layer_norm(x, (32,), w, b), atol=1e-5)
+        True
+    """
+    shape = _validate(x, normalized_shape, weight, bias, eps, out_dtype)
+    y, _, _ = torch.ops.slipstream.layer_norm_fwd(x, weight, bias, len(shape), float(eps), out_dtype)
+    return y
+
+
+def _validate(
+    x: object,
+    normalized_shape: object,
+    weight: object,
+    bias: object,
+    eps: object,
+    out_dtype: object,
+) -> tuple[int, ...]:
+    """Check the public arguments; return ``normalized_shape`` as a tuple."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x.dtype must be one of {_FLOAT_DTYPES}, got {x.dtype}")
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if not shape or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise ValueError(f"normalized_shape must be a positive int or a non-empty sequence of them, got {normalized_shape!r}")
+    if tuple(x.shape[-len(shape):]) != shape:
+        raise ValueError(f"normalized_shape={shape} must equal the last dimensions of x, whose shape is {tuple(x.shape)}")
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is None:
+            continue
+        if not isinstance(param, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(param).__name__}")
+        if tuple(param.shape) != shape:
+            raise ValueError(f"{name}.shape must equal normalized_shape={shape}, got {tuple(param.shape)}")
+        if param.dtype not in _FLOAT_DTYPES or param.device != x.device:
+            raise TypeError(f"{name} must be a floating tensor on {x.device}, got {param.dtype} on {param.device}")
+    if not isinstance(eps, (int, float)) or not eps >= 0 or math.isinf(eps):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be None or one of {_FLOAT_DTYPES}, got {out_dtype!r}")
+    return shape
+
+
+def _as_rows(t: Tensor, normalized_ndim: int) -> Tensor:
+    """``t`` as an ``[M, N]`` matrix with unit column stride (a view when possible, else one copy)."""
+    n = math.prod(t.shape[t.dim() - normalized_ndim:])
+    rows = t.reshape(-1, n)
+    return rows if rows.stride(1) == 1 or n == 1 else rows.contiguous()
+
+
+def _flat(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.reshape(-1)
+
+
+def _kernels_apply(*tensors: Tensor) -> bool:
+    return all(t.numel() > 0 and t.dtype in _KERNEL_DTYPES for t in tensors) and use_triton(tensors[0])
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def layer_norm_forward_reference(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pure-PyTorch forward of each row of ``x`` (``[M, N]``): ``(y, mean, rstd)``, fp32 math.
+
+    The fallback the custom op runs where no kernel does, and the kernels' reference in tests.
+    Float64 inputs are computed in float64.
+
+    Example:
+        >>> y, mean, rstd = layer_norm_forward_reference(torch.randn(3, 8), None, None, 1e-5, torch.float32)
+        >>> y.shape, mean.shape
+        (torch.Size([3, 8]), torch.Size([3]))
+    """
+    compute = _compute_dtype(x.dtype)
+    xf = x.to(compute)
+    mean = xf.mean(dim=1)
+    centered = xf - mean[:, None]
+    rstd = torch.rsqrt(centered.square().mean(dim=1) + eps)
+    y = centered * rstd[:, None]
+    if weight is not None:
+        y = y * weight.to(compute)
+    if bias is not None:
+        y = y + bias.to(compute)
+    return y.to(out_dtype), mean, rstd
+
+
+def layer_norm_backward_reference(
+    dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, bias_dtype: Optional[torch.dtype]
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Pure-PyTorch gradients of :func:`layer_norm_forward_reference`: ``(dx, dw, db)``, fp32 math.
+
+    ``dx`` is in ``x``'s dtype, ``dw`` in ``weight``'s (None without weight), ``db`` in
+    ``bias_dtype`` (None when that is None).
+
+    Example:
+        >>> x, w = torch.randn(3, 8), torch.randn(8)
+        >>> y, mean, rstd = layer_norm_forward_reference(x, w, None, 1e-5, x.dtype)
+        >>> dx, dw, db = layer_norm_backward_reference(torch.randn(3, 8), x, w, mean, rstd, None)
+        >>> db is None
+        True
+    """
+    compute = _compute_dtype(x.dtype)
+    dyf = dy.to(compute)
+    xhat = (x.to(compute) - mean[:, None]) * rstd[:, None]
+    g = dyf if weight is None else dyf * weight.to(compute)
+    dx = (g - xhat * (g * xhat).mean(dim=1, keepdim=True) - g.mean(dim=1, keepdim=True)) * rstd[:, None]
+    dw = None if weight is None else (dyf * xhat).sum(dim=0).to(weight.dtype)
+    db = None if bias_dtype is None else dyf.sum(dim=0).to(bias_dtype)
+    return dx.to(x.dtype), dw, db
+
+
+@torch.library.custom_op("slipstream::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    normalized_ndim: int,
+    eps: float,
+    out_dtype: Optional[torch.dtype],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, mean, rstd)``: y shaped like x; mean and rstd fp32 (float64 for float64 x), one per row."""
+    rows = _as_rows(x, normalized_ndim)
+    args = (rows, _flat(weight), _flat(bias), eps, out_dtype or x.dtype)
+    if _kernels_apply(rows):
+        from slipstream.ops.kernels import layer_norm as kernels
+
+        y, mean, rstd = kernels.forward(*args)
+    else:
+        y, mean, rstd = layer_norm_forward_reference(*args)
+    return y.reshape(x.shape), mean, rstd
+
+
+@_layer_norm_fwd.register_fake
+def _(x, weight, bias, normalized_ndim, eps, out_dtype):
+    rows = math.prod(x.shape[: x.dim() - normalized_ndim])
+    stats_dtype = _compute_dtype(x.dtype)
+    stats = x.new_empty((rows,), dtype=stats_dtype)
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("slipstream::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd(
+    dy: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    normalized_ndim: int,
+    bias_dtype: Optional[torch.dtype],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dw, db)``; dw (db) is an empty tensor when there is no weight (bias)."""
+    dy_rows, x_rows = _as_rows(dy, normalized_ndim), _as_rows(x, normalized_ndim)
+    args = (dy_rows, x_rows, _flat(weight), mean, rstd, bias_dtype)
+    if _kernels_apply(dy_rows, x_rows):
+        from slipstream.ops.kernels import layer_norm as kernels
+
+        dx, dw, db = kernels.backward(*args)
+    else:
+        dx, dw, db = layer_norm_backward_reference(*args)
+    dw = x.new_empty(0) if dw is None else dw.view(weight.shape)
+    db = x.new_empty(0) if db is None else db.view(x.shape[x.dim() - normalized_ndim:])
+    return dx.reshape(x.shape), dw, db
+
+
+@_layer_norm_bwd.register_fake
+def _(dy, x, weight, mean, rstd, normalized_ndim, bias_dtype):
+    dw = x.new_empty(0) if weight is None else torch.empty_like(weight)
+    normalized = x.shape[x.dim() - normalized_ndim:]
+    db = x.new_empty(0) if bias_dtype is None else x.new_empty(normalized, dtype=bias_dtype)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), dw, db
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, normalized_ndim, _eps, _out_dtype = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.normalized_ndim = normalized_ndim
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = torch.ops.slipstream.layer_norm_bwd(dy, x, weight, mean, rstd, ctx.normalized_ndim, ctx.bias_dtype)
+    return dx, (None if weight is None else dw), (None if ctx.bias_dtype is None else db), None, None, None
+
+
+_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
