@@ -7,6 +7,7 @@ replaced (``len()`` of it is the count; if the root module itself was replaced, 
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from typing import Callable, Iterable, Optional, Union
 
@@ -14,10 +15,11 @@ import torch
 from torch import nn
 
 from slipstream.nn import FusedLayerNorm, LPGroupNorm, LPLayerNorm
+from slipstream.nn.gyro_dropout import GyroDropout, check_gyro_arguments
 from slipstream.precision import autocast_dtype
 from slipstream.surgery import NoEffectWarning, replace_module_classes
 
-__all__ = ["apply_fused_layernorm", "apply_low_precision_layernorm", "apply_low_precision_groupnorm"]
+__all__ = ["apply_fused_layernorm", "apply_low_precision_layernorm", "apply_low_precision_groupnorm", "apply_gyro_dropout"]
 
 Optimizers = Optional[Union[torch.optim.Optimizer, Iterable[torch.optim.Optimizer]]]
 
@@ -99,6 +101,55 @@ def apply_low_precision_groupnorm(
     if not _low_precision_has_effect(precision, "apply_low_precision_groupnorm"):
         return {}
     return _replace_all(model, nn.GroupNorm, LPGroupNorm.from_module, optimizers, "apply_low_precision_groupnorm")
+
+
+def apply_gyro_dropout(
+    model: nn.Module,
+    sigma: int = 256,
+    tau: int = 16,
+    iters_per_epoch: int = 196,
+    max_epoch: Union[int, float] = 100,
+    p: Optional[float] = None,
+    seed: int = 0,
+    advance_on_forward: bool = True,
+) -> dict[nn.Module, nn.Module]:
+    """Replace ``nn.Dropout`` modules with :class:`~slipstream.nn.GyroDropout`.
+
+    Each replacement trains ``sigma`` fixed masks, ``tau`` active per step, on a schedule planned
+    for ``iters_per_epoch * max_epoch`` optimizer steps.
+
+    Args:
+        model: model to modify in place (before wrapping it in DDP).
+        sigma, tau: masks pre-selected and masks active per step (``1 <= tau <= sigma``).
+        iters_per_epoch, max_epoch: the planned run length.
+        p: ``None`` keeps each replaced Dropout's own ``p``. The card uses one fixed ``p`` (0.5) for
+            every layer, which silently changes how strongly a model tuned with, say, ``p=0.1`` is
+            regularized; keeping ``p`` means surgery changes how masks are chosen, not how many
+            units are dropped. A number in [0, 1) sets that ``p`` everywhere.
+        seed: the i-th replaced module is seeded with ``seed + i``, so masks differ between layers
+            and are the same on every DDP rank.
+        advance_on_forward: ``True`` counts each training-mode forward as one step (right for one
+            forward per optimizer step). With gradient accumulation pass ``False`` and call
+            ``module.advance()`` on each :class:`~slipstream.nn.GyroDropout` after every optimizer
+            step (the Trainer algorithm does this for you).
+
+    Returns:
+        ``{old_module: new_module}`` for each replaced Dropout.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.1))
+        >>> len(apply_gyro_dropout(model, sigma=16, tau=4, iters_per_epoch=10, max_epoch=5))
+        1
+    """
+    check_gyro_arguments(p, sigma, tau, p_may_be_none=True)
+    seeds = itertools.count(seed)
+
+    def build(module: nn.Module) -> nn.Module:
+        return GyroDropout.from_module(
+            module, sigma, tau, iters_per_epoch, max_epoch, p=p, seed=next(seeds), advance_on_forward=advance_on_forward
+        )
+
+    return _replace_all(model, nn.Dropout, build, None, "apply_gyro_dropout")
 
 
 def apply_fused_layernorm(model: nn.Module, optimizers: Optimizers = None) -> dict[nn.Module, nn.Module]:

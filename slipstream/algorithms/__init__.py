@@ -2,6 +2,7 @@
 
 from slipstream.algorithms.base import Algorithm, Event, State, SurgeryAlgorithm
 from slipstream.algorithms.fused_layernorm import FusedLayerNorm
+from slipstream.algorithms.gyro_dropout import GyroDropout
 from slipstream.algorithms.low_precision_groupnorm import LowPrecisionGroupNorm
 from slipstream.algorithms.low_precision_layernorm import LowPrecisionLayerNorm
 
@@ -13,4 +14,5 @@ __all__ = [
     "FusedLayerNorm",
     "LowPrecisionLayerNorm",
     "LowPrecisionGroupNorm",
+    "GyroDropout",
 ]

@@ -1,6 +1,7 @@
 """Drop-in modules that slipstream's surgery swaps into models."""
 
 from slipstream.nn.group_norm import LPGroupNorm
+from slipstream.nn.gyro_dropout import GyroDropout
 from slipstream.nn.layer_norm import FusedLayerNorm, LPLayerNorm
 
-__all__ = ["FusedLayerNorm", "LPLayerNorm", "LPGroupNorm"]
+__all__ = ["FusedLayerNorm", "LPLayerNorm", "LPGroupNorm", "GyroDropout"]

@@ -1,0 +1,351 @@
+"""Gyro Dropout: dropout that trains a fixed set of pre-selected subnetworks (Lee et al., MLSys 2022).
+
+Plain dropout draws a fresh mask per sample per step, so each subnetwork it trains is seen about
+once. Gyro Dropout draws ``sigma`` masks over the feature (last) dimension once and trains only
+those: at each step ``tau`` of them are active, the batch is split into ``tau`` groups and group
+``i`` uses active mask ``i``. The active set changes every ``iter_num`` steps, walking the masks in
+permutation order so that over the planned run every mask trains for about the same number of
+samples: ``iter_num = floor(total_steps / sigma) * tau`` (at least 1), with
+``total_steps = iters_per_epoch * max_epoch``.
+
+State. Every random draw (the masks, then the schedule of active sets) happens once, on the first
+training forward (the feature width is unknown before), from a generator seeded with ``seed``.
+The masks, the schedule, the step counter and the seed live in ``state_dict``, so a run resumed
+from a checkpoint uses exactly the masks an uninterrupted run would have used. A run longer than
+planned repeats the schedule from its start.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+__all__ = ["GyroDropout", "check_gyro_arguments"]
+
+_STATE_KEYS = ("masks", "schedule", "_extra_state")
+
+
+def _check_positive_int(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def check_gyro_arguments(p: Optional[float], sigma: int, tau: int, p_may_be_none: bool = False) -> None:
+    """Raise ValueError/TypeError unless ``0 <= p < 1``, ``sigma >= 1`` and ``1 <= tau <= sigma``.
+
+    Example:
+        >>> check_gyro_arguments(0.5, sigma=256, tau=16)
+        >>> check_gyro_arguments(0.5, sigma=8, tau=16)
+        Traceback (most recent call last):
+        ...
+        ValueError: tau must be <= sigma (tau active masks are drawn from sigma), got tau=16, sigma=8
+    """
+    _check_positive_int(sigma, "sigma")
+    _check_positive_int(tau, "tau")
+    if tau > sigma:
+        raise ValueError(f"tau must be <= sigma (tau active masks are drawn from sigma), got tau={tau}, sigma={sigma}")
+    if p is None and p_may_be_none:
+        return
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"p must be a float in [0, 1), got {type(p).__name__}")
+    if not 0 <= p < 1:
+        raise ValueError(f"p must be in [0, 1), got {p}")
+
+
+def _check_run_length(iters_per_epoch: int, max_epoch: Union[int, float]) -> None:
+    _check_positive_int(iters_per_epoch, "iters_per_epoch")
+    if isinstance(max_epoch, bool) or not isinstance(max_epoch, (int, float)):
+        raise TypeError(f"max_epoch must be a positive number, got {type(max_epoch).__name__}")
+    if not max_epoch > 0:
+        raise ValueError(f"max_epoch must be > 0, got {max_epoch}")
+
+
+def _permutation_walk(sigma: int, tau: int, n_sets: int, generator: torch.Generator) -> torch.Tensor:
+    """``n_sets`` rows of ``tau`` distinct mask indices, taken in order from successive permutations.
+
+    Each permutation of ``range(sigma)`` is used up before the next starts, so every mask is active
+    once per cycle. A set that straddles two cycles takes the old cycle's leftovers and the first
+    masks of the new cycle; the new cycle puts those leftovers last so no set repeats a mask.
+    """
+    rows: list[list[int]] = []
+    order = torch.randperm(sigma, generator=generator).tolist()
+    cursor = 0
+    for _ in range(n_sets):
+        if cursor + tau <= sigma:
+            rows.append(order[cursor:cursor + tau])
+            cursor += tau
+            continue
+        leftovers = order[cursor:]
+        fresh = torch.randperm(sigma, generator=generator).tolist()
+        used = set(leftovers)
+        order = [i for i in fresh if i not in used] + [i for i in fresh if i in used]
+        cursor = tau - len(leftovers)
+        rows.append(leftovers + order[:cursor])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _scale_equal_groups(x: torch.Tensor, scales: torch.Tensor, size: int) -> torch.Tensor:
+    """Rows ``[i*size, (i+1)*size)`` of ``x`` times ``scales[i]`` over the last dim, by broadcasting views."""
+    groups = scales.shape[0]
+    grouped = x.unflatten(0, (groups, size))
+    per_group = scales.view((groups,) + (1,) * (x.dim() - 1) + (scales.shape[1],))
+    return (grouped * per_group).flatten(0, 1)
+
+
+def _scale_batch_groups(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Split ``x``'s first dim into ``len(scales)`` groups as evenly as possible; scale group i by ``scales[i]``.
+
+    The first ``batch % groups`` groups get one sample more. With fewer samples than groups each
+    sample is its own group (the last masks rest this step). No batch-sized mask is built: only the
+    ``(groups, features)`` scales are saved for backward.
+    """
+    groups = scales.shape[0]
+    size, larger = divmod(x.shape[0], groups)
+    if size == 0:
+        return _scale_equal_groups(x, scales[: x.shape[0]], 1)
+    if larger == 0:
+        return _scale_equal_groups(x, scales, size)
+    split = larger * (size + 1)
+    return torch.cat([
+        _scale_equal_groups(x[:split], scales[:larger], size + 1),
+        _scale_equal_groups(x[split:], scales[larger:], size),
+    ])
+
+
+class GyroDropout(nn.Module):
+    """Dropout over ``sigma`` pre-selected feature masks, ``tau`` of them active per step.
+
+    In training the batch (first dim) is split into ``tau`` groups as evenly as possible, and group
+    ``i`` is multiplied by active mask ``i`` over the last dim, scaled by ``1 / (1 - p)``; any rank
+    works (``[B, F]``, ``[B, T, F]``, ...; a 1-D input is one sample). Evaluation is the identity.
+    The masks are built on the first training forward for that input's feature width, on its device.
+
+    When the schedule advances: with ``advance_on_forward=True`` every training-mode forward counts
+    as one step (right for one forward per optimizer step; eval forwards never count). With gradient
+    accumulation or several forwards per step, pass ``advance_on_forward=False`` and call
+    :meth:`advance` once after each optimizer step (the ``slipstream.algorithms.GyroDropout``
+    algorithm does this at ``Event.BATCH_END``). Under ``torch.compile`` that manual mode traces
+    with no graph break; ``advance_on_forward=True`` costs one graph break per module.
+
+    Args:
+        p: probability of dropping a feature, in [0, 1).
+        sigma: number of pre-selected masks (subnetworks).
+        tau: masks active at once (batch groups per step), ``1 <= tau <= sigma``.
+        iters_per_epoch, max_epoch: planned run length; ``iter_num`` follows from their product.
+        seed: seeds the module's own generator. ``None`` draws one from torch's default generator,
+            so it follows ``torch.manual_seed``; give the same seed on every DDP rank (the
+            functional API and algorithm do) so that all ranks hold the same masks.
+        advance_on_forward: see above.
+
+    Example:
+        >>> drop = GyroDropout(p=0.5, sigma=8, tau=4, iters_per_epoch=10, max_epoch=2, seed=0)
+        >>> y = drop(torch.ones(6, 3, 5))   # groups of 2, 2, 1, 1 samples
+        >>> sorted(set(y.unique().tolist()))
+        [0.0, 2.0]
+        >>> drop.iter_num, drop.step
+        (8, 1)
+    """
+
+    def __init__(
+        self,
+        p: float = 0.5,
+        sigma: int = 256,
+        tau: int = 16,
+        iters_per_epoch: int = 196,
+        max_epoch: Union[int, float] = 100,
+        seed: Optional[int] = None,
+        advance_on_forward: bool = True,
+    ) -> None:
+        super().__init__()
+        check_gyro_arguments(p, sigma, tau)
+        _check_run_length(iters_per_epoch, max_epoch)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+        self.p = float(p)
+        self.sigma = sigma
+        self.tau = tau
+        self.iters_per_epoch = iters_per_epoch
+        self.max_epoch = max_epoch
+        self.seed = seed
+        self.advance_on_forward = bool(advance_on_forward)
+        self.step = 0
+        # Placeholders until the first training forward knows the feature width.
+        self.register_buffer("masks", torch.empty(0, dtype=torch.bool))
+        self.register_buffer("schedule", torch.empty(0, dtype=torch.long))
+        # The active set's scales in the input's dtype: rebuilt only when the set changes.
+        self.register_buffer("_scales", torch.empty(0), persistent=False)
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Dropout,
+        sigma: int = 256,
+        tau: int = 16,
+        iters_per_epoch: int = 196,
+        max_epoch: Union[int, float] = 100,
+        p: Optional[float] = None,
+        seed: Optional[int] = None,
+        advance_on_forward: bool = True,
+    ) -> "GyroDropout":
+        """A replacement for ``module`` (an ``nn.Dropout``) keeping its ``p`` unless ``p`` is given.
+
+        Example:
+            >>> GyroDropout.from_module(nn.Dropout(0.1), sigma=16, tau=4, seed=0).p
+            0.1
+        """
+        return cls(module.p if p is None else p, sigma, tau, iters_per_epoch, max_epoch, seed, advance_on_forward)
+
+    # ----- schedule -------------------------------------------------------------------------------
+
+    @property
+    def total_steps(self) -> int:
+        """Planned optimizer steps, ``iters_per_epoch * max_epoch`` (at least 1)."""
+        return max(1, round(self.iters_per_epoch * self.max_epoch))
+
+    @property
+    def iter_num(self) -> int:
+        """Steps between changes of the active set: ``floor(total_steps / sigma) * tau``, never 0."""
+        return max(1, (self.total_steps // self.sigma) * self.tau)
+
+    @property
+    def materialized(self) -> bool:
+        """Whether the masks and schedule exist yet (after the first training forward or a load)."""
+        return self.masks.dim() == 2
+
+    @property
+    def active_indices(self) -> list[int]:
+        """Indices (into ``masks``) of the ``tau`` masks active at the current step."""
+        if not self.materialized:
+            raise RuntimeError("GyroDropout has no masks yet: they are built on the first training forward")
+        return self.schedule[self._active_set()].tolist()
+
+    def _active_set(self) -> int:
+        return (self.step // self.iter_num) % self.schedule.shape[0]
+
+    def set_run_length(self, iters_per_epoch: int, max_epoch: Union[int, float]) -> None:
+        """Plan the schedule for ``iters_per_epoch * max_epoch`` steps (before the masks exist).
+
+        Once the masks and schedule exist (trained or loaded), a different plan is ignored with a
+        warning, so that a resumed run keeps the schedule it started with.
+
+        Example:
+            >>> drop = GyroDropout(sigma=16, tau=4, seed=0)
+            >>> drop.set_run_length(iters_per_epoch=50, max_epoch=3)
+            >>> drop.iter_num
+            36
+        """
+        _check_run_length(iters_per_epoch, max_epoch)
+        if not self.materialized:
+            self.iters_per_epoch, self.max_epoch = iters_per_epoch, max_epoch
+        elif round(iters_per_epoch * max_epoch) != round(self.iters_per_epoch * self.max_epoch):
+            warnings.warn(
+                f"GyroDropout keeps the schedule it built for {self.total_steps} steps; "
+                f"ignoring the new plan of {iters_per_epoch} x {max_epoch}",
+                stacklevel=2,
+            )
+
+    @torch.compiler.disable
+    def advance(self, steps: int = 1) -> None:
+        """Count ``steps`` optimizer steps; switch to the next active set when its time comes.
+
+        Example:
+            >>> drop = GyroDropout(sigma=4, tau=2, iters_per_epoch=4, max_epoch=1, seed=0, advance_on_forward=False)
+            >>> drop.advance(); drop.step
+            1
+        """
+        before = self._active_set() if self.materialized else None
+        self.step += steps
+        if before is not None and self._active_set() != before and self._scales.dim() == 2:
+            self._build_scales(self._scales.dtype)
+
+    # ----- forward --------------------------------------------------------------------------------
+
+    @torch.compiler.disable
+    def _materialize(self, features: int, device: torch.device) -> None:
+        generator = torch.Generator().manual_seed(self.seed)
+        keep = torch.rand(self.sigma, features, generator=generator) >= self.p
+        n_sets = math.ceil(self.total_steps / self.iter_num)
+        self.masks = keep.to(device)
+        self.schedule = _permutation_walk(self.sigma, self.tau, n_sets, generator).to(device)
+
+    def _build_scales(self, dtype: torch.dtype) -> None:
+        keep = self.masks.index_select(0, self.schedule[self._active_set()])
+        self._scales = keep.to(dtype) * (1.0 / (1.0 - self.p))
+
+    @torch.compiler.disable
+    def _prepare(self, x: torch.Tensor) -> None:
+        """Build masks on first use, follow the input's device, and build scales in its dtype."""
+        features = x.shape[-1]
+        if not self.materialized:
+            self._materialize(features, x.device)
+        elif self.masks.shape[1] != features:
+            raise ValueError(
+                f"GyroDropout built its masks for {self.masks.shape[1]} features but got an input whose last "
+                f"dimension is {features}; Gyro Dropout needs a fixed feature width"
+            )
+        if self.masks.device != x.device:
+            self.masks, self.schedule = self.masks.to(x.device), self.schedule.to(x.device)
+        self._build_scales(x.dtype)
+
+    def _ready_for(self, x: torch.Tensor) -> bool:
+        scales = self._scales
+        return (
+            scales.dim() == 2 and scales.shape[1] == x.shape[-1]
+            and scales.dtype == x.dtype and scales.device == x.device
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        if x.dim() == 0:
+            raise ValueError("GyroDropout needs an input with at least one dimension (features last)")
+        if not self._ready_for(x):
+            self._prepare(x)
+        if x.dim() == 1:
+            y = _scale_batch_groups(x.unsqueeze(0), self._scales).squeeze(0)
+        else:
+            y = _scale_batch_groups(x, self._scales)
+        if self.advance_on_forward:
+            self.advance()
+        return y
+
+    # ----- state ----------------------------------------------------------------------------------
+
+    def get_extra_state(self) -> dict:
+        return dict(
+            step=self.step, seed=self.seed, p=self.p, sigma=self.sigma, tau=self.tau,
+            iters_per_epoch=self.iters_per_epoch, max_epoch=self.max_epoch,
+        )
+
+    def set_extra_state(self, state: dict) -> None:
+        for name in ("p", "sigma", "tau"):
+            if state[name] != getattr(self, name):
+                raise ValueError(
+                    f"GyroDropout checkpoint has {name}={state[name]}, this module has {name}={getattr(self, name)}"
+                )
+        self.step, self.seed = int(state["step"]), int(state["seed"])
+        self.iters_per_epoch, self.max_epoch = state["iters_per_epoch"], state["max_epoch"]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        if not any(prefix + key in state_dict for key in _STATE_KEYS):
+            return  # a checkpoint from before surgery (plain nn.Dropout has no state): stay fresh
+        for name in ("masks", "schedule"):
+            loaded = state_dict.get(prefix + name)
+            own = getattr(self, name)
+            if isinstance(loaded, torch.Tensor) and loaded.shape != own.shape:
+                setattr(self, name, torch.empty_like(loaded, device=own.device))  # let the copy fit
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._scales = torch.empty(0, device=self.masks.device)  # rebuilt on the next training forward
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, sigma={self.sigma}, tau={self.tau}, iter_num={self.iter_num}, step={self.step}"
