@@ -1,0 +1,60 @@
+"""CPU smoke run of benchmarks/end_to_end.py: tiny GPT-2 with the low-precision methods, quick mode."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_benchmark():
+    if str(REPO) not in sys.path:  # the script imports benchmarks.* from the repository root
+        sys.path.insert(0, str(REPO))
+    spec = importlib.util.spec_from_file_location("end_to_end_benchmark", REPO / "benchmarks" / "end_to_end.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def gpt2_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e")
+    results = _load_benchmark().main([
+        "--quick", "--models", "gpt2", "--configs", "eager,methods,all",
+        "--methods", "low_precision_layernorm,low_precision_groupnorm",
+        "--steps", "2", "--rounds", "2", "--warmup", "1", "--out", str(out / "e2e.md"), "--json", str(out / "e2e.json"),
+    ])
+    return results["models"][0], out
+
+
+def test_surgery_report_counts_the_layernorms(gpt2_result):
+    result, _ = gpt2_result
+    # Tiny GPT-2: 2 blocks x (ln_1, ln_2) + ln_f; no GroupNorm, so that method does not apply.
+    assert result["surgery"]["low_precision_layernorm"].startswith("5 (LayerNorm->LPLayerNorm x5)")
+    assert result["surgery"]["low_precision_groupnorm"].startswith("0")
+    assert result["applicable"] == ["low_precision_layernorm"]
+    # One applicable method: 'all' is that method alone, so it is not timed twice.
+    assert [c["name"] for c in result["configs"]] == ["eager", "all"]
+
+
+def test_numbers_are_sane(gpt2_result):
+    result, out = gpt2_result
+    eager, all_methods = result["configs"]
+    assert result["loss_steps"] == 1 + 2 * (2 + 2)  # warm-up + rounds x (round warm-up + timed)
+    for config in (eager, all_methods):
+        assert len(config["round_median_ms"]) == 2
+        assert 0 < config["min_ms"] <= config["median_ms"] <= config["max_ms"] < 60_000
+        assert config["throughput"] > 0
+        assert config["peak_bytes"] is None  # CPU: no CUDA memory statistics
+        # Random 256-token vocabulary: the loss starts near ln 256 and stays finite.
+        assert 1.0 < config["final_loss"] < math.log(256) + 1
+    # Same weights and batches; low-precision norms move the loss by rounding, not more.
+    assert abs(all_methods["final_loss"] - eager["final_loss"]) < 0.05 * eager["final_loss"]
+    text = (out / "e2e.md").read_text()
+    assert "### gpt2" in text and "| eager |" in text and "all methods vs eager" in text
+    assert (out / "e2e.json").stat().st_size > 0
