@@ -29,10 +29,10 @@ __all__ = ["Trainer"]
 
 
 def _as_list(value: Any, kind: type, argument: str) -> list:
-    """``value`` (one item, an iterable of items or None) as a list of ``kind`` instances."""
+    """``value`` (one item, a list or tuple of items, or None) as a list of ``kind`` instances."""
     if value is None:
         return []
-    items = [value] if isinstance(value, kind) else list(value) if isinstance(value, Iterable) else [value]
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
     for item in items:
         if not isinstance(item, kind):
             raise TypeError(f"{argument} must be {kind.__name__} instances, got {type(item).__name__}")
@@ -184,6 +184,7 @@ class Trainer:
                 self._train_epoch()
         finally:
             self.progress.close()
+        self._log_train_loss()  # the batches since the last log interval
         if state.eval_dataloader is not None and self._last_eval_batch != state.timestamp.batch:
             self._evaluate()
         if self.save_folder is not None and self._last_save_batch != state.timestamp.batch:

@@ -1,0 +1,139 @@
+"""Trainer checkpoints on CPU: an interrupted-and-resumed run equals the uninterrupted one; bad checkpoints."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from slipstream.algorithms import Algorithm, Event
+from slipstream.trainer.checkpoint import LATEST
+from trainer_helpers import LossRecorder, classification_data, loader, mlp, quiet_trainer
+
+
+class NoisyLinear(nn.Linear):
+    """Adds noise from a generator it owns while training; the generator's state is module extra state."""
+
+    def __init__(self, features: int):
+        super().__init__(features, features)
+        self.generator = torch.Generator().manual_seed(1)
+
+    def forward(self, x):
+        out = super().forward(x)
+        if self.training:
+            out = out + 0.1 * torch.randn(out.shape, generator=self.generator)
+        return out
+
+    def get_extra_state(self):
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state):
+        self.generator.set_state(state["generator"])
+
+
+class BatchCounter(Algorithm):
+    """An algorithm with state of its own, which checkpoints must carry."""
+
+    def __init__(self):
+        self.count = 0
+
+    def match(self, event, state):
+        return event == Event.BATCH_END
+
+    def apply(self, event, state, logger):
+        self.count += 1
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+
+
+class CrashAt(Algorithm):
+    """Simulates an interruption: raises when batch ``at`` is about to start."""
+
+    def __init__(self, at=None):
+        self.at = at
+
+    def match(self, event, state):
+        return event == Event.BATCH_START and state.timestamp.batch == self.at
+
+    def apply(self, event, state, logger):
+        raise KeyboardInterrupt("interrupted on purpose")
+
+
+def build_run(seed_of_init: int, **kwargs):
+    """Model with dropout, its own noise generator and LayerNorm; AdamW + StepLR; shuffled data; eval."""
+    torch.manual_seed(seed_of_init)
+    model = nn.Sequential(NoisyLinear(8), mlp(dropout=0.3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
+    recorder, counter = LossRecorder(), BatchCounter()
+    data = classification_data(samples=80)  # 5 batches of 16 per epoch
+    kwargs.setdefault("max_duration", "3ep")
+    trainer = quiet_trainer(model=model, train_dataloader=loader(data), eval_dataloader=loader(data),
+                            optimizers=optimizer, schedulers=scheduler, seed=17,
+                            algorithms=[recorder, counter, CrashAt(kwargs.pop("crash_at", None))], **kwargs)
+    return trainer, recorder, counter
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
+    full, full_run, _ = build_run(seed_of_init=0)
+    full.fit()
+
+    folder = str(tmp_path / "ckpt")
+    interrupted, first_run, _ = build_run(seed_of_init=0, save_folder=folder, save_interval="4ba", crash_at=11)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    assert sorted(os.listdir(folder)) == ["ep0-ba4.pt", "ep1-ba8.pt", LATEST]  # the last before the crash: batch 8
+
+    # A fresh process would start from a differently initialized model: the checkpoint must overwrite it all.
+    resumed, resumed_run, counter = build_run(seed_of_init=123, load_path=folder)
+    assert resumed.state.timestamp.batch == 8 and resumed.state.timestamp.batch_in_epoch == 3
+    resumed.fit()
+
+    assert first_run.losses[:8] + resumed_run.losses == full_run.losses  # exactly, float for float
+    assert counter.count == 15 and resumed.state.timestamp.epoch == 3
+    assert resumed.state.eval_metrics == full.state.eval_metrics
+    for mine, theirs in zip(resumed.state.model.state_dict().values(), full.state.model.state_dict().values()):
+        if isinstance(mine, torch.Tensor):
+            assert torch.equal(mine, theirs)
+
+
+def test_checkpoint_contents(tmp_path):
+    folder = str(tmp_path)
+    trainer, _, _ = build_run(seed_of_init=0, save_folder=folder, max_duration="2ba", save_interval="1ep")
+    trainer.fit()  # ends mid-epoch: the final checkpoint is written anyway
+    checkpoint = torch.load(os.path.join(folder, LATEST), weights_only=True)
+    assert checkpoint["timestamp"] == {"epoch": 0, "batch": 2, "sample": 32, "batch_in_epoch": 2}
+    assert set(checkpoint["rng"][0]) >= {"python", "numpy", "torch"}
+    assert "0._extra_state" in checkpoint["model"]
+    assert [a["name"] for a in checkpoint["algorithms"]] == ["LossRecorder", "BatchCounter", "CrashAt"]
+    assert checkpoint["algorithms"][1]["state"] == {"count": 2}
+    assert len(checkpoint["optimizers"]) == 1 and checkpoint["schedulers"][0]["last_epoch"] == 0
+    assert checkpoint["data_seed"] == 17 and checkpoint["scaler"] is None
+
+
+def test_checkpoint_from_another_model_is_an_error(tmp_path):
+    folder = str(tmp_path)
+    trainer, _, _ = build_run(seed_of_init=0, save_folder=folder, max_duration="1ba")
+    trainer.fit()
+    with pytest.raises(ValueError, match="another model.*(missing|shape)"):
+        quiet_trainer(model=mlp(features=8, classes=5), train_dataloader=loader(classification_data()),
+                      max_duration="1ep", load_path=folder)
+    with pytest.raises(ValueError, match="trained with algorithms"):
+        quiet_trainer(model=trainer.state.model, train_dataloader=loader(classification_data()),
+                      max_duration="1ep", load_path=folder)
+
+
+def test_missing_or_foreign_checkpoint_is_an_error(tmp_path):
+    kwargs = dict(model=mlp(), train_dataloader=loader(classification_data()), max_duration="1ep")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        quiet_trainer(load_path=str(tmp_path / "nothing.pt"), **kwargs)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": mlp().state_dict()}, foreign)
+    with pytest.raises(ValueError, match="not a slipstream Trainer checkpoint"):
+        quiet_trainer(load_path=str(foreign), **kwargs)
