@@ -1,0 +1,264 @@
+"""GroupNorm with low-precision I/O and fp32 statistics, optionally followed by a fused SiLU.
+
+:func:`group_norm` is the public op. It runs as the custom ops ``slipstream::group_norm_forward`` and
+``slipstream::group_norm_backward`` (so ``torch.compile`` traces it without graph breaks), which call
+the Triton kernels in :mod:`slipstream.ops.kernels.group_norm` where :func:`use_triton` says so, and
+the pure-PyTorch :func:`group_norm_reference` / :func:`group_norm_backward_reference` otherwise.
+
+Both read (N, C, *) tensors in whatever layout they come in: contiguous and channels_last tensors
+are read and written in place, and the output has the input's memory layout. A tensor whose spatial
+dims do not flatten to one stride (a strided slice) is copied once, contiguously.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from slipstream.ops._backend import use_triton
+
+__all__ = ["group_norm", "group_norm_reference", "group_norm_backward_reference", "ACTIVATIONS"]
+
+#: Activations :func:`group_norm` can fuse after the norm.
+ACTIVATIONS = (None, "silu")
+# Dtypes the Triton kernels read and write; others (float64) take the PyTorch path.
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """fp32 math for 16/32-bit inputs; float64 stays float64."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _normalized(x: Tensor, num_groups: int, mean: Tensor, rstd: Tensor) -> Tensor:
+    """(x - mean) * rstd per group, as an (N, C, S) tensor in the statistics' dtype."""
+    n, c = x.shape[:2]
+    grouped = x.reshape(n, num_groups, -1).to(mean.dtype)
+    return ((grouped - mean[..., None]) * rstd[..., None]).reshape(n, c, -1)
+
+
+def _per_channel(t: Optional[Tensor], default: float, like: Tensor) -> Tensor:
+    """``t`` as a (C, 1) column in ``like``'s dtype, or a constant when the parameter is absent."""
+    if t is None:
+        return torch.full((1, 1), default, dtype=like.dtype, device=like.device)
+    return t.to(like.dtype)[:, None]
+
+
+def _in_layout_of(x: Tensor, values: Tensor, dtype: torch.dtype) -> Tensor:
+    """``values`` (viewable as ``x.shape``) written into a new tensor with ``x``'s memory layout."""
+    out = torch.empty_like(x, dtype=dtype)
+    out.copy_(values.reshape(x.shape))
+    return out
+
+
+def group_norm_reference(
+    x: Tensor,
+    num_groups: int,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    silu: bool = False,
+    out_dtype: Optional[torch.dtype] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pure-PyTorch forward: ``(y, mean, rstd)`` with fp32 math (float64 for float64 input).
+
+    ``y`` has ``x``'s shape and memory layout, dtype ``out_dtype`` (default ``x.dtype``); ``mean`` and
+    ``rstd`` are (N, G) in the math dtype.
+
+    Example:
+        >>> y, mean, rstd = group_norm_reference(torch.randn(2, 4, 3), 2)
+        >>> y.shape, mean.shape
+        (torch.Size([2, 4, 3]), torch.Size([2, 2]))
+    """
+    n = x.shape[0]
+    grouped = x.reshape(n, num_groups, -1).to(_compute_dtype(x))
+    var, mean = torch.var_mean(grouped, dim=-1, unbiased=False)
+    rstd = torch.rsqrt(var + eps)
+    z = _normalized(x, num_groups, mean, rstd) * _per_channel(weight, 1.0, mean) + _per_channel(bias, 0.0, mean)
+    if silu:
+        z = torch.nn.functional.silu(z)
+    return _in_layout_of(x, z, out_dtype or x.dtype), mean, rstd
+
+
+def group_norm_backward_reference(
+    dy: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    num_groups: int,
+    silu: bool = False,
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Pure-PyTorch backward of :func:`group_norm_reference`: ``(dx, dweight, dbias)``.
+
+    ``dx`` has ``x``'s layout and dtype; ``dweight``/``dbias`` are None where the parameter is None.
+
+    Example:
+        >>> x = torch.randn(2, 4, 3)
+        >>> y, mean, rstd = group_norm_reference(x, 2)
+        >>> dx, dw, db = group_norm_backward_reference(torch.randn_like(y), x, None, None, mean, rstd, 2)
+        >>> dx.shape, dw
+        (torch.Size([2, 4, 3]), None)
+    """
+    n = x.shape[0]
+    xhat = _normalized(x, num_groups, mean, rstd)
+    w = _per_channel(weight, 1.0, mean)
+    g = dy.reshape(xhat.shape).to(mean.dtype)
+    if silu:
+        z = xhat * w + _per_channel(bias, 0.0, mean)
+        sig = torch.sigmoid(z)
+        g = g * sig * (1 + z * (1 - sig))
+    dweight = None if weight is None else (g * xhat).sum(dim=(0, 2)).to(weight.dtype)
+    dbias = None if bias is None else g.sum(dim=(0, 2)).to(bias.dtype)
+    gw = (g * w).reshape(n, num_groups, -1)
+    xhat = xhat.reshape(gw.shape)
+    dx = (gw - gw.mean(-1, keepdim=True) - xhat * (gw * xhat).mean(-1, keepdim=True)) * rstd[..., None]
+    return _in_layout_of(x, dx, x.dtype), dweight, dbias
+
+
+def _kernels_apply(x: Tensor) -> bool:
+    return use_triton(x) and x.dtype in _KERNEL_DTYPES and x.numel() > 0
+
+
+@torch.library.custom_op("slipstream::group_norm_forward", mutates_args=())
+def _forward_op(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    num_groups: int,
+    eps: float,
+    silu: bool,
+    out_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if _kernels_apply(x):
+        from slipstream.ops.kernels import group_norm as kernels
+
+        return kernels.forward(x, weight, bias, num_groups, eps, silu, out_dtype)
+    return group_norm_reference(x, num_groups, weight, bias, eps, silu, out_dtype)
+
+
+@_forward_op.register_fake
+def _forward_fake(x, weight, bias, num_groups, eps, silu, out_dtype):
+    stats = x.new_empty((x.shape[0], num_groups), dtype=_compute_dtype(x))
+    return torch.empty_like(x, dtype=out_dtype), stats, torch.empty_like(stats)
+
+
+# Custom ops return tensors only: an absent parameter's gradient travels as an empty tensor.
+@torch.library.custom_op("slipstream::group_norm_backward", mutates_args=())
+def _backward_op(
+    dy: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    num_groups: int,
+    silu: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if _kernels_apply(x):
+        from slipstream.ops.kernels import group_norm as kernels
+
+        dx, dweight, dbias = kernels.backward(dy, x, weight, bias, mean, rstd, num_groups, silu)
+    else:
+        dx, dweight, dbias = group_norm_backward_reference(dy, x, weight, bias, mean, rstd, num_groups, silu)
+    return dx, _or_empty(dweight, x), _or_empty(dbias, x)
+
+
+def _or_empty(grad: Optional[Tensor], like: Tensor) -> Tensor:
+    return like.new_empty(0) if grad is None else grad
+
+
+@_backward_op.register_fake
+def _backward_fake(dy, x, weight, bias, mean, rstd, num_groups, silu):
+    return (
+        torch.empty_like(x),
+        _or_empty(None if weight is None else torch.empty_like(weight), x),
+        _or_empty(None if bias is None else torch.empty_like(bias), x),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, num_groups, _eps, silu, _out_dtype = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.num_groups = num_groups
+    ctx.silu = silu
+
+
+def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = _backward_op(grad_y, x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu)
+    return (
+        dx,
+        None if weight is None else dweight,
+        None if bias is None else dbias,
+        None, None, None, None,
+    )
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _validate(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+              eps: float, activation: Optional[str], out_dtype: Optional[torch.dtype]) -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (N, C, *), got {tuple(x.shape)}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    if x.shape[1] % num_groups:
+        raise ValueError(f"num_groups={num_groups} must divide the {x.shape[1]} channels of x")
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is not None and (param.shape != (x.shape[1],) or not param.is_floating_point()):
+            raise ValueError(f"{name} must be a floating-point tensor of shape ({x.shape[1]},), got "
+                             f"{param.dtype} {tuple(param.shape)}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is not supported; allowed values: {ACTIVATIONS}")
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise TypeError(f"out_dtype must be a floating-point torch.dtype or None, got {out_dtype!r}")
+
+
+def group_norm(
+    x: Tensor,
+    num_groups: int,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    activation: Optional[str] = None,
+    *,
+    out_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """GroupNorm of an (N, C, *) tensor with fp32 statistics, then ``activation`` if given.
+
+    Computes what ``F.group_norm`` (followed by ``F.silu`` for ``activation='silu'``) computes, with
+    fp32 math whatever the input dtype, reading and writing the tensors' own dtypes: bf16/fp16 in,
+    bf16/fp16 out, no fp32 copies. On CUDA it is one Triton kernel launch forward and one backward
+    (plus a small sum for the weight and bias gradients); contiguous and channels_last inputs are
+    read in place and the output keeps the input's memory layout. Elsewhere it runs in PyTorch.
+    Results are deterministic.
+
+    Args:
+        x: input of shape (N, C, *), float16, bfloat16, float32 (or float64, PyTorch path only).
+        num_groups: number of groups G; must divide C.
+        weight, bias: optional per-channel affine parameters of shape (C,), any float dtype.
+        eps: added to the variance, > 0.
+        activation: ``None`` or ``'silu'`` (fused into forward and backward).
+        out_dtype: dtype of the output (default ``x.dtype``); for example bf16 from fp32 input
+            under autocast.
+
+    Example:
+        >>> x = torch.randn(2, 8, 5, 5)
+        >>> y = group_norm(x, 4, torch.ones(8), torch.zeros(8), activation='silu')
+        >>> torch.allclose(y, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 4)), atol=1e-5)
+        True
+    """
+    _validate(x, num_groups, weight, bias, eps, activation, out_dtype)
+    y, _mean, _rstd = _forward_op(x, weight, bias, num_groups, float(eps), activation == "silu",
+                                  out_dtype or x.dtype)
+    return y

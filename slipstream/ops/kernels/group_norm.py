@@ -1,0 +1,525 @@
+"""Triton GroupNorm kernels (forward and backward, optional fused SiLU) and their launchers.
+
+Imported lazily by :mod:`slipstream.ops.group_norm`, only when a kernel is about to run.
+
+How the work is cut. A (N, C, *spatial) tensor is read as (N, C, S) through its strides, so
+contiguous (NCHW) and channels_last (NHWC) tensors are read and written in place. A group's
+(C/G channels x S positions) plane is cut into tiles of ``GB`` groups x ``CB`` channels x ``SB``
+positions; the tiles covering the same groups of one sample form a *set* of ``K`` programs. Each
+program keeps its tile in registers, writes the group-level partial sums of its tile, and needs the
+whole set's partials before it can write its output. Two ways to get them:
+
+* fused (GPU, ``K`` <= number of SMs): one launch; the set's programs meet at a barrier (an atomic
+  counter per set) and each combines the partials itself, in the same fixed order, so every program
+  gets bit-identical statistics. Programs take their place in the grid from an atomic ticket, so a
+  program only ever waits for programs that started after it: with ``K`` no larger than what fits
+  on the GPU at once, every set completes whatever order the hardware starts programs in.
+* three launches (Triton's CPU interpreter, which runs programs one after another, and sets too
+  large for the GPU): write partials; combine each set once; normalize, reading the input again.
+
+Either way the result is deterministic: partial sums are combined in a fixed order, never by atomics.
+Forward statistics combine (count, sum, sum of squared deviations) per tile with Chan's formula, so
+a large mean does not cancel the variance. Backward writes per-channel partial sums of
+``dy'`` and ``dy' * xhat`` (``dy'`` is dy through SiLU's derivative when fused), which give dB and
+dW after a plain ``torch.sum`` and the group terms of dx after the barrier.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from slipstream.ops._backend import interpreting
+
+__all__ = ["forward", "backward", "TileShape", "tile_shape"]
+
+# Elements per tile: forward keeps x in registers, backward keeps x and dy.
+FORWARD_TILE = 8192
+BACKWARD_TILE = 4096
+# Elements each thread holds; sets the warps per program.
+ELEMENTS_PER_THREAD = 16
+# Partials a program reads per step when combining a set.
+COMBINE_BLOCK = 64
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared device helpers. Tiles are 3D: (groups, channels, positions) for NCHW tensors and
+# (positions, groups, channels) for channels_last ones, so the fastest-varying tile axis is the one
+# that is contiguous in memory and loads stay coalesced and vectorized in both layouts.
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _program_id(SYNC, num_sets, USE_TICKET: tl.constexpr):
+    # Fused launches number programs by arrival (an atomic ticket), not by hardware start order.
+    if USE_TICKET:
+        vid = tl.atomic_add(SYNC + num_sets, 1, sem="relaxed")
+    else:
+        vid = tl.program_id(0)
+    return vid
+
+
+@triton.jit
+def _arrive_and_wait(SYNC, set_id, K):
+    """Barrier over the K programs of one set: publish this program's partials, wait for the rest."""
+    tl.debug_barrier()  # every thread's partial stores are issued before the release below
+    arrived = tl.atomic_add(SYNC + set_id, 1, sem="acq_rel") + 1
+    while arrived < K:
+        arrived = tl.atomic_add(SYNC + set_id, 0, sem="acquire")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _chunk_count(kc, ks, CG, S, CB: tl.constexpr, SB: tl.constexpr):
+    """Valid elements per group in the tile at channel chunk ``kc`` and position chunk ``ks``."""
+    return tl.minimum(CB, CG - kc * CB) * tl.minimum(SB, S - ks * SB)
+
+
+@triton.jit
+def _tile_index(vid, K, n_gblocks, n_schunks, G, CG, S,
+                GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, CL: tl.constexpr):
+    """Where program ``vid`` works: its set, sample, chunk ids, tile channels/positions and mask."""
+    set_id = vid // K
+    k = vid % K
+    n = set_id // n_gblocks
+    g = (set_id % n_gblocks) * GB + tl.arange(0, GB)
+    kc = k // n_schunks
+    ks = k % n_schunks
+    cc = kc * CB + tl.arange(0, CB)
+    s = ks * SB + tl.arange(0, SB)
+    c = g[:, None] * CG + cc[None, :]  # (GB, CB) channel index
+    cmask = (g[:, None] < G) & (cc[None, :] < CG)
+    smask = s < S
+    if CL:
+        mask = smask[:, None, None] & cmask[None, :, :]
+    else:
+        mask = cmask[:, :, None] & smask[None, None, :]
+    return set_id, k, n, g, kc, ks, c, cmask, s, mask
+
+
+@triton.jit
+def _offsets(n, c, s, stride_n, stride_c, stride_s, CL: tl.constexpr):
+    """64-bit element offsets of a tile in a tensor with (N, C, S) strides."""
+    base = n.to(tl.int64) * stride_n
+    c_off = c.to(tl.int64) * stride_c
+    s_off = s.to(tl.int64) * stride_s
+    if CL:
+        offs = base + s_off[:, None, None] + c_off[None, :, :]
+    else:
+        offs = base + c_off[:, :, None] + s_off[None, None, :]
+    return offs
+
+
+@triton.jit
+def _per_group(v, CL: tl.constexpr):
+    """Broadcast a (GB,) vector over a tile."""
+    if CL:
+        out = v[None, :, None]
+    else:
+        out = v[:, None, None]
+    return out
+
+
+@triton.jit
+def _per_channel(v, CL: tl.constexpr):
+    """Broadcast a (GB, CB) matrix over a tile."""
+    if CL:
+        out = v[None, :, :]
+    else:
+        out = v[:, :, None]
+    return out
+
+
+@triton.jit
+def _channel_sum(t, CL: tl.constexpr):
+    """Sum a tile over positions: (GB, CB)."""
+    if CL:
+        out = tl.sum(t, axis=0)
+    else:
+        out = tl.sum(t, axis=2)
+    return out
+
+
+@triton.jit
+def _affine(W, B, c, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, GB: tl.constexpr, CB: tl.constexpr):
+    """Per-channel weight and bias of a tile in fp32 (ones and zeros when absent)."""
+    if HAS_W:
+        w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        w = tl.full([GB, CB], 1.0, tl.float32)
+    if HAS_B:
+        b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros([GB, CB], tl.float32)
+    return w, b
+
+
+@triton.jit
+def _reduce_set(part, K, n_schunks, CG, S, eps,
+                GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, KB: tl.constexpr, FORWARD: tl.constexpr):
+    """Combine a set's K tile partials, in a fixed order, into two per-group values.
+
+    ``part`` points at the set's partials, laid out (K, 2, GB). Forward: rows are (sum, sum of squared
+    deviations from the tile mean) and the result is (mean, rstd) by Chan's formula. Backward: rows
+    are (sum w*dy', sum w*dy'*xhat) and the result is their means over the group.
+    """
+    j = tl.arange(0, GB)
+    total = CG * 1.0 * S
+    acc0 = tl.zeros([GB], tl.float32)
+    for k0 in range(0, K, KB):
+        kk = k0 + tl.arange(0, KB)
+        row = part + kk[:, None] * (2 * GB) + j[None, :]
+        acc0 += tl.sum(tl.load(row, mask=kk[:, None] < K, other=0.0, cache_modifier=".cg"), axis=0)
+    mean0 = acc0 / total
+    acc1 = tl.zeros([GB], tl.float32)
+    for k0 in range(0, K, KB):
+        kk = k0 + tl.arange(0, KB)
+        kmask = kk[:, None] < K
+        row = part + kk[:, None] * (2 * GB) + j[None, :]
+        second = tl.load(row + GB, mask=kmask, other=0.0, cache_modifier=".cg")
+        if FORWARD:
+            first = tl.load(row, mask=kmask, other=0.0, cache_modifier=".cg")
+            count = _chunk_count(kk // n_schunks, kk % n_schunks, CG, S, CB, SB).to(tl.float32)
+            count = tl.where(kk < K, count, 1.0)[:, None]
+            shift = first / count - mean0[None, :]
+            second = tl.where(kmask, second + count * shift * shift, 0.0)
+        acc1 += tl.sum(second, axis=0)
+    if FORWARD:
+        out1 = 1.0 / tl.sqrt(acc1 / total + eps)
+    else:
+        out1 = acc1 / total
+    return mean0, out1
+
+
+@triton.jit
+def _combine_kernel(PART, OUT0, OUT1, K, n_gblocks, n_schunks, G, CG, S, eps,
+                    GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, KB: tl.constexpr,
+                    FORWARD: tl.constexpr):
+    """Three-launch path, middle launch: one program per set writes its groups' two values."""
+    set_id = tl.program_id(0)
+    v0, v1 = _reduce_set(PART + set_id * K * 2 * GB, K, n_schunks, CG, S, eps, GB, CB, SB, KB, FORWARD)
+    n = set_id // n_gblocks
+    g = (set_id % n_gblocks) * GB + tl.arange(0, GB)
+    tl.store(OUT0 + n * G + g, v0, mask=g < G)
+    tl.store(OUT1 + n * G + g, v1, mask=g < G)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _forward_kernel(
+    X, Y, W, B, MEAN, RSTD, PART, SYNC,
+    G, CG, S, n_gblocks, n_schunks, K, num_sets,
+    sxn, sxc, sxs, syn, syc, sys_, eps,
+    GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, KB: tl.constexpr, CL: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
+    STATS: tl.constexpr, APPLY: tl.constexpr, WAIT: tl.constexpr,
+):
+    vid = _program_id(SYNC, num_sets, WAIT)
+    set_id, k, n, g, kc, ks, c, cmask, s, mask = _tile_index(vid, K, n_gblocks, n_schunks, G, CG, S, GB, CB, SB, CL)
+    part = PART + set_id * K * 2 * GB
+    x = tl.load(X + _offsets(n, c, s, sxn, sxc, sxs, CL), mask=mask, other=0.0).to(tl.float32)
+    if STATS:
+        count = _chunk_count(kc, ks, CG, S, CB, SB).to(tl.float32)
+        tile_sum = tl.sum(_channel_sum(x, CL), axis=1)
+        dev = tl.where(mask, x - _per_group(tile_sum / count, CL), 0.0)
+        j = tl.arange(0, GB)
+        tl.store(part + k * 2 * GB + j, tile_sum)
+        tl.store(part + k * 2 * GB + GB + j, tl.sum(_channel_sum(dev * dev, CL), axis=1))
+    if WAIT:
+        _arrive_and_wait(SYNC, set_id, K)
+    if APPLY:
+        if STATS:
+            mean, rstd = _reduce_set(part, K, n_schunks, CG, S, eps, GB, CB, SB, KB, True)
+            if k == 0:  # one program per set saves the statistics for backward
+                tl.store(MEAN + n * G + g, mean, mask=g < G)
+                tl.store(RSTD + n * G + g, rstd, mask=g < G)
+        else:
+            mean = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
+            rstd = tl.load(RSTD + n * G + g, mask=g < G, other=0.0)
+        w, b = _affine(W, B, c, cmask, HAS_W, HAS_B, GB, CB)
+        z = (x - _per_group(mean, CL)) * _per_group(rstd, CL) * _per_channel(w, CL) + _per_channel(b, CL)
+        if SILU:
+            z = z / (1.0 + tl.exp(-z))
+        tl.store(Y + _offsets(n, c, s, syn, syc, sys_, CL), z.to(Y.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _backward_kernel(
+    X, DY, DX, W, B, MEAN, RSTD, GRAD0, GRAD1, PART, CSUM_DY, CSUM_DY_XHAT, SYNC,
+    C, G, CG, S, n_gblocks, n_schunks, K, num_sets,
+    sxn, sxc, sxs, sdn, sdc, sds, sgn, sgc, sgs,
+    GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, KB: tl.constexpr, CL: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, PARAM_GRADS: tl.constexpr,
+    STATS: tl.constexpr, APPLY: tl.constexpr, WAIT: tl.constexpr,
+):
+    vid = _program_id(SYNC, num_sets, WAIT)
+    set_id, k, n, g, kc, ks, c, cmask, s, mask = _tile_index(vid, K, n_gblocks, n_schunks, G, CG, S, GB, CB, SB, CL)
+    part = PART + set_id * K * 2 * GB
+    mean = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
+    rstd = tl.load(RSTD + n * G + g, mask=g < G, other=0.0)
+    w, b = _affine(W, B, c, cmask, HAS_W, HAS_B, GB, CB)
+    x = tl.load(X + _offsets(n, c, s, sxn, sxc, sxs, CL), mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + _offsets(n, c, s, sdn, sdc, sds, CL), mask=mask, other=0.0).to(tl.float32)
+    xhat = (x - _per_group(mean, CL)) * _per_group(rstd, CL)
+    if SILU:  # d silu(z)/dz = sig(z) * (1 + z * (1 - sig(z))), with z recomputed from x
+        z = xhat * _per_channel(w, CL) + _per_channel(b, CL)
+        sig = 1.0 / (1.0 + tl.exp(-z))
+        dy = dy * sig * (1.0 + z * (1.0 - sig))
+    # masked lanes hold dy = 0, so they add nothing to the sums below
+    if STATS:
+        sum_dy = _channel_sum(dy, CL)
+        sum_dy_xhat = _channel_sum(dy * xhat, CL)
+        if PARAM_GRADS:  # per (sample, position chunk, channel): summed into dB, dW afterwards
+            crow = (n * n_schunks + ks).to(tl.int64) * C + c
+            tl.store(CSUM_DY + crow, sum_dy, mask=cmask)
+            tl.store(CSUM_DY_XHAT + crow, sum_dy_xhat, mask=cmask)
+        j = tl.arange(0, GB)
+        tl.store(part + k * 2 * GB + j, tl.sum(w * sum_dy, axis=1))
+        tl.store(part + k * 2 * GB + GB + j, tl.sum(w * sum_dy_xhat, axis=1))
+    if WAIT:
+        _arrive_and_wait(SYNC, set_id, K)
+    if APPLY:
+        if STATS:
+            mean_g, mean_gx = _reduce_set(part, K, n_schunks, CG, S, 0.0, GB, CB, SB, KB, False)
+        else:
+            mean_g = tl.load(GRAD0 + n * G + g, mask=g < G, other=0.0)
+            mean_gx = tl.load(GRAD1 + n * G + g, mask=g < G, other=0.0)
+        dx = (dy * _per_channel(w, CL) - _per_group(mean_g, CL) - xhat * _per_group(mean_gx, CL)) * _per_group(rstd, CL)
+        tl.store(DX + _offsets(n, c, s, sgn, sgc, sgs, CL), dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------
+
+
+class TileShape(NamedTuple):
+    """Tile of ``groups`` x ``channels`` (within a group) x ``positions`` elements."""
+
+    groups: int
+    channels: int
+    positions: int
+
+
+def _pow2_at_most(limit: int) -> list[int]:
+    return [1 << i for i in range(max(limit, 1).bit_length()) if (1 << i) <= limit]
+
+
+@functools.lru_cache(maxsize=1024)
+def tile_shape(num_groups: int, group_channels: int, positions: int, channels_last: bool,
+               element_size: int, tile: int, max_per_set: int) -> TileShape:
+    """The tile (``tile`` elements or fewer where possible) a program of the kernels works on.
+
+    Preference order: at most ``max_per_set`` programs per set (so the fused launch can run), a
+    contiguous run in memory of at least 64 bytes (coalesced loads), then the smallest tile over
+    ``tile`` elements (up to 4x) that achieves those two where none within achieves them, one program per set where a
+    group fits in a tile (no barrier), else little padding (within 15% counts as none; padded lanes
+    cost registers, not bandwidth), large tiles, then few programs per set (a shorter barrier and
+    fewer partials to combine).
+
+    Example:
+        >>> tile_shape(32, 8, 4096, channels_last=False, element_size=2, tile=8192, max_per_set=132)
+        TileShape(groups=1, channels=2, positions=4096)
+    """
+    cg_p2 = triton.next_power_of_2(group_channels)
+    group_fits = cg_p2 * triton.next_power_of_2(positions) <= tile
+    largest = 4 * tile
+    contiguous_extent = num_groups * group_channels if channels_last else positions
+    min_run = min(64, contiguous_extent * element_size)
+    best, best_key = None, None
+    for cb in _pow2_at_most(min(cg_p2, largest)):
+        for sb in _pow2_at_most(min(triton.next_power_of_2(positions), largest // cb)):
+            whole_groups = cb == cg_p2
+            gb_limit = min(triton.next_power_of_2(num_groups), largest // (cb * sb)) if whole_groups else 1
+            for gb in _pow2_at_most(gb_limit):
+                padded = (triton.cdiv(num_groups, gb) * gb * triton.cdiv(group_channels, cb) * cb
+                          * triton.cdiv(positions, sb) * sb)
+                waste = padded / (num_groups * group_channels * positions)
+                # channels_last: whole groups side by side are one run (padding lanes are masked)
+                run = (gb * group_channels if whole_groups else cb) if channels_last else sb
+                per_set = triton.cdiv(group_channels, cb) * triton.cdiv(positions, sb)
+                padding = per_set if group_fits else 0.0 if waste <= 1.15 else round(waste, 1)
+                size = gb * cb * sb
+                key = (per_set > max_per_set, run * element_size < min_run, max(size, tile), padding, -size, per_set)
+                if best_key is None or key < best_key:
+                    best, best_key = TileShape(gb, cb, sb), key
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def _max_fused_set(device_index: int) -> int:
+    """Largest set a fused launch may wait on: one program per SM always fits on the GPU at once."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _ncs_strides(t: torch.Tensor) -> Optional[tuple[int, int, int]]:
+    """(N, C, S) strides of ``t`` with its spatial dims flattened, or None if they do not flatten."""
+    spatial = [(size, stride) for size, stride in zip(t.shape[2:], t.stride()[2:]) if size != 1]
+    for (_, outer), (size, inner) in zip(spatial, spatial[1:]):
+        if outer != inner * size:
+            return None
+    return t.stride(0), t.stride(1), spatial[-1][1] if spatial else 1
+
+
+def _flattenable(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its spatial dims flatten to one stride, else one contiguous copy."""
+    return t if _ncs_strides(t) is not None else t.contiguous()
+
+
+class _Plan(NamedTuple):
+    shape: TileShape
+    n_gblocks: int
+    n_schunks: int
+    per_set: int  # K: programs per set
+    num_sets: int
+    fused: bool
+    num_warps: int
+    channels_last: bool
+
+
+def _plan(x: torch.Tensor, num_groups: int, tile: int) -> _Plan:
+    n, c = x.shape[:2]
+    s = x.numel() // (n * c)
+    cg = c // num_groups
+    sxn, sxc, sxs = _ncs_strides(x)
+    channels_last = sxc < sxs and c > 1 and s > 1
+    # the interpreter runs programs one at a time, so its programs can never wait at a barrier
+    max_per_set = 0 if interpreting() else _max_fused_set(x.device.index or 0)
+    shape = tile_shape(num_groups, cg, s, channels_last, x.element_size(), tile, max_per_set or cg * s)
+    n_gblocks = triton.cdiv(num_groups, shape.groups)
+    n_schunks = triton.cdiv(s, shape.positions)
+    per_set = triton.cdiv(cg, shape.channels) * n_schunks
+    fused = per_set <= max_per_set
+    elements = shape.groups * shape.channels * shape.positions
+    num_warps = max(1, min(16, elements // (32 * ELEMENTS_PER_THREAD)))
+    return _Plan(shape, n_gblocks, n_schunks, per_set, n * n_gblocks, fused, num_warps, channels_last)
+
+
+def _set_buffers(x: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partials (num_sets, K, 2, GB) and the barrier counters (one per set, then the ticket)."""
+    part = torch.empty(plan.num_sets * plan.per_set * 2 * plan.shape.groups, device=x.device, dtype=torch.float32)
+    if plan.fused and plan.per_set > 1:
+        sync = torch.zeros(plan.num_sets + 1, device=x.device, dtype=torch.int32)
+    else:  # no barrier: a placeholder pointer
+        sync = torch.empty(1, device=x.device, dtype=torch.int32)
+    return part, sync
+
+
+def _phases(plan: _Plan) -> list[tuple[bool, bool, bool]]:
+    """(STATS, APPLY, WAIT) of each launch; a combine launch runs between two-launch phases."""
+    if plan.fused:
+        return [(True, True, plan.per_set > 1)]
+    return [(True, False, False), (False, True, False)]
+
+
+def _combine(part: torch.Tensor, out0: torch.Tensor, out1: torch.Tensor, plan: _Plan, num_groups: int,
+             cg: int, s: int, eps: float, forward: bool) -> None:
+    tile = plan.shape
+    _combine_kernel[(plan.num_sets,)](
+        part, out0, out1, plan.per_set, plan.n_gblocks, plan.n_schunks, num_groups, cg, s, eps,
+        GB=tile.groups, CB=tile.channels, SB=tile.positions, KB=COMBINE_BLOCK, FORWARD=forward,
+    )
+
+
+def _combine_block(plan: _Plan) -> int:
+    return min(COMBINE_BLOCK, triton.next_power_of_2(plan.per_set))
+
+
+def forward(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    num_groups: int,
+    eps: float,
+    silu: bool,
+    out_dtype: torch.dtype,
+    tile: int = FORWARD_TILE,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GroupNorm (then SiLU if ``silu``) of ``x``: returns ``(y, mean, rstd)``, statistics fp32 (N, G).
+
+    ``y`` has ``x``'s shape and memory layout and dtype ``out_dtype``. ``tile`` bounds the elements per
+    program (tests shrink it to exercise multi-program sets on small inputs).
+    """
+    x = _flattenable(x)
+    n, c = x.shape[:2]
+    s = x.numel() // (n * c)
+    cg = c // num_groups
+    y = torch.empty_like(x, dtype=out_dtype)
+    mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    plan = _plan(x, num_groups, tile)
+    part, sync = _set_buffers(x, plan)
+    t = plan.shape
+    for launch, (stats, apply, wait) in enumerate(_phases(plan)):
+        if launch == 1:
+            _combine(part, mean, rstd, plan, num_groups, cg, s, eps, forward=True)
+        _forward_kernel[(plan.num_sets * plan.per_set,)](
+            x, y, weight if weight is not None else x, bias if bias is not None else x, mean, rstd, part, sync,
+            num_groups, cg, s, plan.n_gblocks, plan.n_schunks, plan.per_set, plan.num_sets,
+            *_ncs_strides(x), *_ncs_strides(y), eps,
+            GB=t.groups, CB=t.channels, SB=t.positions, KB=_combine_block(plan), CL=plan.channels_last,
+            HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
+            STATS=stats, APPLY=apply, WAIT=wait, num_warps=plan.num_warps,
+        )
+    return y, mean, rstd
+
+
+def backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    num_groups: int,
+    silu: bool,
+    tile: int = BACKWARD_TILE,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients ``(dx, dweight, dbias)`` of :func:`forward`; ``dx`` has ``x``'s layout and dtype.
+
+    ``dweight``/``dbias`` are None when ``weight``/``bias`` is None.
+    """
+    x = _flattenable(x)
+    dy = _flattenable(dy)
+    n, c = x.shape[:2]
+    s = x.numel() // (n * c)
+    cg = c // num_groups
+    dx = torch.empty_like(x)
+    plan = _plan(x, num_groups, tile)
+    part, sync = _set_buffers(x, plan)
+    param_grads = weight is not None or bias is not None
+    # per-channel sums of dy' and dy'*xhat for each (sample, position chunk): (2, N, n_schunks, C)
+    cpart = torch.empty((2, n, plan.n_schunks, c) if param_grads else (2, 1), device=x.device, dtype=torch.float32)
+    grads = torch.empty((2, n, num_groups), device=x.device, dtype=torch.float32)  # two-launch path only
+    t = plan.shape
+    for launch, (stats, apply, wait) in enumerate(_phases(plan)):
+        if launch == 1:
+            _combine(part, grads[0], grads[1], plan, num_groups, cg, s, 0.0, forward=False)
+        _backward_kernel[(plan.num_sets * plan.per_set,)](
+            x, dy, dx, weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
+            grads[0], grads[1], part, cpart[0], cpart[1], sync,
+            c, num_groups, cg, s, plan.n_gblocks, plan.n_schunks, plan.per_set, plan.num_sets,
+            *_ncs_strides(x), *_ncs_strides(dy), *_ncs_strides(dx),
+            GB=t.groups, CB=t.channels, SB=t.positions, KB=_combine_block(plan), CL=plan.channels_last,
+            HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, PARAM_GRADS=param_grads,
+            STATS=stats, APPLY=apply, WAIT=wait, num_warps=plan.num_warps,
+        )
+    if not param_grads:
+        return dx, None, None
+    # fixed-order reductions (deterministic); separate tensors, since custom ops' outputs must not alias
+    dweight = cpart[1].sum(dim=(0, 1)).to(weight.dtype) if weight is not None else None
+    dbias = cpart[0].sum(dim=(0, 1)).to(bias.dtype) if bias is not None else None
+    return dx, dweight, dbias

@@ -1,0 +1,219 @@
+"""slipstream.ops.group_norm: kernels (Triton's interpreter on CPU, the GPU where present) and the
+PyTorch fallback against float64 references, layouts, dtypes, SiLU, gradients, torch.compile."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slipstream.ops._backend import use_triton
+from slipstream.ops.group_norm import group_norm, group_norm_backward_reference, group_norm_reference
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Relative error allowed against float64, by the dtype the result is written in.
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+PARAM_TOL = 2e-4  # dW, dB: fp32 sums whatever the activations' dtype
+
+
+def rel_err(out, ref):
+    return float((out.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def make_input(shape, dtype, channels_last, device, scale=2.0, shift=0.5):
+    x = (torch.randn(shape) * scale + shift).to(device=device, dtype=dtype)
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+def make_params(c, device, affine=True, bias=True):
+    if not affine:
+        return None, None
+    return torch.randn(c, device=device) + 1, (torch.randn(c, device=device) if bias else None)
+
+
+def float64_reference(x, num_groups, weight, bias, eps, silu, dy):
+    """F.group_norm (+ F.silu) in float64 on the CPU, with autograd gradients for x, weight, bias."""
+    leaves = [t.detach().double().cpu().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+    y = F.group_norm(leaves[0], num_groups, leaves[1], leaves[2], eps)
+    y = F.silu(y) if silu else y
+    grads = torch.autograd.grad(y, [t for t in leaves if t is not None], dy.double().cpu())
+    grads = iter(grads)
+    return y.detach(), [next(grads) if t is not None else None for t in leaves]
+
+
+def check_against_float64(x, num_groups, weight, bias, silu, run):
+    """``run(x, weight, bias, dy) -> (y, dx, dw, db)``; compares all four with float64 autograd."""
+    dy = torch.randn(x.shape, device=x.device).to(x.dtype)
+    y, dx, dw, db = run(x, weight, bias, dy)
+    ref_y, (ref_dx, ref_dw, ref_db) = float64_reference(x, num_groups, weight, bias, 1e-5, silu, dy)
+    tol = TOL[x.dtype]
+    assert y.dtype == x.dtype and dx.dtype == x.dtype
+    assert y.stride() == x.stride() and dx.stride() == x.stride(), "outputs keep the input's layout"
+    assert rel_err(y.cpu(), ref_y) < tol
+    assert rel_err(dx.cpu(), ref_dx) < tol
+    for got, ref in ((dw, ref_dw), (db, ref_db)):
+        assert (got is None) == (ref is None)
+        if ref is not None:
+            assert rel_err(got.cpu(), ref) < PARAM_TOL
+
+
+def run_public(num_groups, silu):
+    def run(x, weight, bias, dy):
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+        y = group_norm(leaves[0], num_groups, leaves[1], leaves[2], activation="silu" if silu else None)
+        y.backward(dy)
+        return y.detach(), leaves[0].grad, *(t.grad if t is not None else None for t in leaves[1:])
+
+    return run
+
+
+# (shape, groups): C not a power of two, odd spatial sizes, one sample, H*W = 1, G = 1, G = C, 3D and 5D.
+SHAPES = [
+    ((3, 6, 5, 7), 3),
+    ((1, 10, 4, 3), 5),
+    ((4, 12, 1, 1), 3),
+    ((2, 8, 3, 5), 1),
+    ((2, 6, 3, 3), 6),
+    ((2, 4, 9), 2),
+    ((2, 6, 3, 2, 3), 2),
+]
+CASES = [
+    (shape, groups, channels_last, dtype)
+    for shape, groups in SHAPES
+    for channels_last in ([False, True] if len(shape) == 4 else [False])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16)
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("index", range(len(CASES)))
+def test_matches_float64_reference(device, index):
+    shape, groups, channels_last, dtype = CASES[index]
+    affine, silu = index % 2 == 0, index // 2 % 2 == 0  # every case mix appears across the list
+    x = make_input(shape, dtype, channels_last, device)
+    weight, bias = make_params(shape[1], device, affine)
+    check_against_float64(x, groups, weight, bias, silu, run_public(groups, silu))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("silu", [False, True])
+def test_weight_without_bias(device, silu):
+    x = make_input((2, 6, 4, 5), torch.float32, False, device)
+    weight, bias = make_params(6, device, bias=False)
+    check_against_float64(x, 3, weight, bias, silu, run_public(3, silu))
+
+
+# Tiles far smaller than a group: sets of many programs, cut along channels and positions, with
+# ragged last chunks; several groups per tile where groups are small.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "shape,groups,channels_last,tile",
+    [((2, 6, 3, 5), 2, False, 4), ((2, 6, 3, 5), 2, True, 4), ((2, 12, 3, 3), 6, True, 8), ((1, 10, 3, 5), 2, False, 8)],
+)
+def test_sets_of_many_programs(device, shape, groups, channels_last, tile):
+    if not use_triton(torch.empty(0, device=device)):
+        pytest.skip("kernels run on CUDA or under TRITON_INTERPRET=1")
+    from slipstream.ops.kernels import group_norm as kernels
+
+    def run(x, weight, bias, dy):
+        y, mean, rstd = kernels.forward(x, weight, bias, groups, 1e-5, True, x.dtype, tile=tile)
+        return (y, *kernels.backward(dy, x, weight, bias, mean, rstd, groups, True, tile=tile))
+
+    x = make_input(shape, torch.float32, channels_last, device)
+    weight, bias = make_params(shape[1], device)
+    check_against_float64(x, groups, weight, bias, True, run)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_mean_small_spread(device):
+    """Statistics combine centred partials: E[x^2] - E[x]^2 in fp32 would be off by about 50% here."""
+    x = make_input((2, 8, 6, 6), torch.float32, False, device, scale=0.1, shift=300.0)
+    dy = torch.randn_like(x)
+    y = group_norm(x, 2)
+    ref_y, _ = float64_reference(x, 2, None, None, 1e-5, False, dy)
+    assert rel_err(y.cpu(), ref_y) < 2e-3  # the fp32 mean itself is rounded by ~300 * 2**-24 / 0.1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_dtype_and_gradient_dtypes(device):
+    x = make_input((2, 6, 4, 4), torch.float32, True, device).requires_grad_()
+    weight, bias = (t.requires_grad_() for t in make_params(6, device))
+    y = group_norm(x, 3, weight, bias, activation="silu", out_dtype=torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and y.stride() == x.stride()
+    ref = F.silu(F.group_norm(x.detach().double(), 3, weight.detach().double(), bias.detach().double()))
+    assert rel_err(y.detach(), ref) < TOL[torch.bfloat16]
+    y.float().sum().backward()
+    assert (x.grad.dtype, weight.grad.dtype, bias.grad.dtype) == (torch.float32,) * 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_input_that_does_not_flatten(device):
+    base = make_input((2, 6, 5, 9), torch.float32, False, device)
+    x = base[:, :, :, ::2]  # spatial strides (9, 2): not one stride
+    weight, bias = make_params(6, device)
+    check_against_float64(x.contiguous(), 3, weight, bias, False, lambda *a: _strided_run(x, *a[1:]))
+
+
+def _strided_run(x, weight, bias, dy):
+    x = x.detach().requires_grad_()
+    leaves = [t.detach().requires_grad_() for t in (weight, bias)]
+    y = group_norm(x, 3, *leaves)
+    y.backward(dy)
+    return y.detach().contiguous(), x.grad.contiguous(), leaves[0].grad, leaves[1].grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic(device):
+    x = make_input((2, 12, 7, 5), torch.bfloat16, True, device).requires_grad_()
+    weight, bias = (t.requires_grad_() for t in make_params(12, device))
+    dy = torch.randn_like(x)
+    results = []
+    for _ in range(2):
+        y = group_norm(x, 4, weight, bias, activation="silu")
+        results.append((y, *torch.autograd.grad(y, (x, weight, bias), dy)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_float64_gradcheck_and_reference_formulas():
+    """The PyTorch path's explicit backward (also the kernels' math) is the true derivative."""
+    x = torch.randn(2, 6, 3, 2, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: group_norm(*t[:1], 3, *t[1:], activation="silu"), (x, weight, bias))
+    y, mean, rstd = group_norm_reference(x.detach(), 3, weight.detach(), bias.detach(), silu=True)
+    dy = torch.randn_like(y)
+    dx, dw, db = group_norm_backward_reference(dy, x.detach(), weight.detach(), bias.detach(), mean, rstd, 3, True)
+    ref = F.silu(F.group_norm(x, 3, weight, bias))
+    expected = torch.autograd.grad(ref, (x, weight, bias), dy)
+    assert torch.allclose(y, ref) and all(torch.allclose(a, b) for a, b in zip((dx, dw, db), expected))
+
+
+def test_compiles_without_graph_breaks():
+    def block(x, weight, bias):
+        return group_norm(x * 2, 3, weight, bias, activation="silu").sum()
+
+    x = torch.randn(2, 6, 4, 4, requires_grad=True).to(memory_format=torch.channels_last)
+    weight, bias = torch.randn(6, requires_grad=True), torch.randn(6, requires_grad=True)
+    assert torch._dynamo.explain(block)(x, weight, bias).graph_break_count == 0
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(x, weight, bias), (x, weight, bias))
+    expected = torch.autograd.grad(block(x, weight, bias), (x, weight, bias))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        (dict(num_groups=4), ValueError),  # does not divide 6
+        (dict(num_groups=0), ValueError),
+        (dict(activation="gelu"), ValueError),
+        (dict(eps=0.0), ValueError),
+        (dict(weight=torch.ones(5)), ValueError),
+        (dict(out_dtype=torch.int32), TypeError),
+    ],
+)
+def test_rejects_bad_arguments(kwargs, error):
+    args = dict(num_groups=3) | kwargs
+    with pytest.raises(error, match=next(iter(kwargs))):
+        group_norm(torch.randn(2, 6, 3), **args)
+    with pytest.raises(TypeError, match="x"):
+        group_norm(torch.ones(2, 6, 3, dtype=torch.int64), 3)
