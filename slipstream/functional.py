@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from slipstream.nn import FusedLayerNorm, LPGroupNorm, LPLayerNorm
+from slipstream.nn.dropout import SeededDropout
 from slipstream.nn.gyro_dropout import GyroDropout, check_gyro_arguments
 from slipstream.precision import autocast_dtype
 from slipstream.surgery import NoEffectWarning, replace_module_classes
 
-__all__ = ["apply_fused_layernorm", "apply_low_precision_layernorm", "apply_low_precision_groupnorm", "apply_gyro_dropout"]
+__all__ = ["apply_fused_layernorm", "apply_low_precision_layernorm", "apply_low_precision_groupnorm", "apply_gyro_dropout", "apply_low_memory_dropout"]
 
 Optimizers = Optional[Union[torch.optim.Optimizer, Iterable[torch.optim.Optimizer]]]
 
@@ -171,3 +172,33 @@ def apply_fused_layernorm(model: nn.Module, optimizers: Optimizers = None) -> di
         1
     """
     return _replace_all(model, nn.LayerNorm, FusedLayerNorm.from_module, optimizers, "apply_fused_layernorm")
+
+
+def apply_low_memory_dropout(model: nn.Module, seed: Optional[int] = None) -> dict[nn.Module, nn.Module]:
+    """Replace ``nn.Dropout`` modules with :class:`~slipstream.nn.SeededDropout`.
+
+    Same math (each replacement keeps its Dropout's ``p``), but backward regenerates the mask from a
+    per-call seed instead of keeping a one-byte mask per element.
+
+    Args:
+        model: model to modify in place (before wrapping it in DDP).
+        seed: ``None`` lets each replacement draw its stream's key from torch's global RNG (so
+            ``torch.manual_seed`` makes runs reproducible); an int keys the i-th replaced module
+            with ``seed + i``.
+
+    Returns:
+        ``{old_module: new_module}`` for each replaced Dropout.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.1))
+        >>> len(apply_low_memory_dropout(model, seed=0))
+        1
+    """
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
+    seeds = itertools.repeat(None) if seed is None else itertools.count(seed)
+
+    def build(module: nn.Module) -> nn.Module:
+        return SeededDropout.from_module(module, seed=next(seeds))
+
+    return _replace_all(model, nn.Dropout, build, None, "apply_low_memory_dropout")

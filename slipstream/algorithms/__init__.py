@@ -3,6 +3,7 @@
 from slipstream.algorithms.base import Algorithm, Event, State, SurgeryAlgorithm
 from slipstream.algorithms.fused_layernorm import FusedLayerNorm
 from slipstream.algorithms.gyro_dropout import GyroDropout
+from slipstream.algorithms.low_memory_dropout import LowMemoryDropout
 from slipstream.algorithms.low_precision_groupnorm import LowPrecisionGroupNorm
 from slipstream.algorithms.low_precision_layernorm import LowPrecisionLayerNorm
 
@@ -15,4 +16,5 @@ __all__ = [
     "LowPrecisionLayerNorm",
     "LowPrecisionGroupNorm",
     "GyroDropout",
+    "LowMemoryDropout",
 ]

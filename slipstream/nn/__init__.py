@@ -1,7 +1,8 @@
 """Drop-in modules that slipstream's surgery swaps into models."""
 
+from slipstream.nn.dropout import SeededDropout
 from slipstream.nn.group_norm import LPGroupNorm
 from slipstream.nn.gyro_dropout import GyroDropout
 from slipstream.nn.layer_norm import FusedLayerNorm, LPLayerNorm
 
-__all__ = ["FusedLayerNorm", "LPLayerNorm", "LPGroupNorm", "GyroDropout"]
+__all__ = ["FusedLayerNorm", "LPLayerNorm", "LPGroupNorm", "GyroDropout", "SeededDropout"]

@@ -1,0 +1,166 @@
+"""A counter-based seed generator for modules that draw one seed per call (SeededDropout).
+
+Seed number ``i`` of the stream keyed by ``key`` is ``stream_seed(key, i)`` (SplitMix64 of
+``key + (i + 1) * golden_ratio``), so the whole state is two integers ``(key, calls)``, stored in
+the owner's ``state_dict``. Why not a ``torch.Generator``: drawing from one is a graph break under
+``torch.compile``, and a counter can be rewound, which activation checkpointing needs.
+
+Checkpointing: ``torch.utils.checkpoint`` re-runs a forward during backward and needs the same masks
+back, with or without ``preserve_rng_state``. A call made while autograd runs a backward pass
+(``torch._C._current_graph_task_id() != -1``, the test FSDP2 and ``ModuleTracker`` use for the same
+purpose) is a recomputation: it replays the seeds drawn since the previous backward, in drawing
+order. That is exact when one checkpointed region holds the owner's calls (called once or several
+times in it), with ``use_reentrant`` True or False; a warning says when one backward recomputes the
+owner in several regions, whose replay order would not match. Under ``torch.compile`` the seed is a
+graph value computed from the stream's state tensor, and the compiler recomputes it itself; the state
+advances by binding a new tensor, a side effect dynamo refuses inside a checkpointed region unless
+``torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True``, so without that
+setting each such region is a graph break (and runs eagerly, with correct masks).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["SeedStream", "stream_seed", "check_int64"]
+
+_MASK64 = (1 << 64) - 1
+_ONE_CALL = torch.tensor([0, 1], dtype=torch.int64)
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+
+
+def stream_seed(key: int, index: int) -> int:
+    """Seed number ``index`` of the stream keyed by ``key``: a 63-bit non-negative int.
+
+    Example:
+        >>> stream_seed(0, 0) == stream_seed(0, 0) != stream_seed(0, 1)
+        True
+    """
+    z = (key + (index + 1) * _GOLDEN_GAMMA) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+@torch.library.custom_op("slipstream::stream_seed", mutates_args=())
+def _stream_seed_op(state: Tensor) -> Tensor:
+    """Seed number ``state[1]`` of the stream keyed by ``state[0]``, as a 0-d int64 tensor."""
+    key, calls = state.tolist()
+    return torch.tensor(stream_seed(key, calls), dtype=torch.int64)
+
+
+@_stream_seed_op.register_fake
+def _stream_seed_fake(state: Tensor) -> Tensor:
+    return state.new_empty(())
+
+
+def check_int64(name: str, value: object) -> int:
+    """``value`` if it is an int in the int64 range; else TypeError/ValueError naming ``name``.
+
+    Example:
+        >>> check_int64("seed", 7)
+        7
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"{name} must be in [-2**63, 2**63 - 1], got {value}")
+    return value
+
+
+class SeedStream:
+    """One seed per call from a ``(key, calls)`` counter; replays them when checkpointing recomputes.
+
+    Example:
+        >>> stream = SeedStream(key=42)
+        >>> a, b = int(stream.next()), int(stream.next())
+        >>> a != b, stream.state_dict()
+        (True, {'key': 42, 'calls': 2})
+    """
+
+    def __init__(self, key: int) -> None:
+        # CPU int64 [key, calls]: a tensor so compiled graphs advance it without recompiling. Every
+        # advance binds a new tensor (never in place): a compiled backward may still read the old one.
+        self.state = torch.tensor([check_int64("key", key), 0], dtype=torch.int64)
+        self._reset_replay()
+
+    def _reset_replay(self) -> None:
+        self._phase_start = int(self.state[1])  # index of the first seed drawn since the last backward
+        self._backward_seen = False
+        self._replay_task = -1  # graph task replaying the phase, the node that triggered it, position
+        self._replay_node: Any = None
+        self._replay_cursor = 0
+
+    def next(self) -> Tensor:
+        """The seed for this call as a 0-d int64 CPU tensor (replayed during recomputation)."""
+        if torch.compiler.is_compiling():
+            # Pure op plus a rebound state: compiled checkpointing recomputes the seed from the old state.
+            seed = _stream_seed_op(self.state)
+            self.state = self.state + _ONE_CALL
+            return seed
+        task = torch._C._current_graph_task_id()
+        if task != -1:
+            return self._replay(task)
+        if self._backward_seen:
+            self._phase_start = int(self.state[1])
+            self._backward_seen = False
+        return self._draw()
+
+    def _draw(self) -> Tensor:
+        key, calls = self.state.tolist()
+        self.state = torch.tensor([key, calls + 1], dtype=torch.int64)
+        return torch.tensor(stream_seed(key, calls), dtype=torch.int64)
+
+    def watch(self, output: Tensor) -> None:
+        """Note when backward reaches ``output`` (a call's result): the next call starts a new phase."""
+        if output.requires_grad and not torch.compiler.is_compiling():
+            output.register_hook(self._on_backward)
+
+    def _on_backward(self, grad: Tensor) -> None:
+        self._backward_seen = True
+
+    def _replay(self, task: int) -> Tensor:
+        self._backward_seen = True
+        node = torch._C._current_autograd_node()
+        if task != self._replay_task:
+            self._replay_task, self._replay_node, self._replay_cursor = task, node, 0
+        elif node is not self._replay_node:
+            self._replay_node = node
+            warnings.warn(
+                "a module drawing seeds from a SeedStream (e.g. SeededDropout) was recomputed by more "
+                "than one checkpointed region in one backward pass; its masks are replayed in forward "
+                "order, which matches only when a single region calls it. Give each region its own module.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        key, calls = self.state.tolist()
+        index = self._phase_start + self._replay_cursor
+        self._replay_cursor += 1
+        if index >= calls:
+            warnings.warn(
+                "a SeedStream was called during backward more often than during the forward pass it "
+                "would recompute; drawing a fresh seed",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return self._draw()
+        return torch.tensor(stream_seed(key, index), dtype=torch.int64)
+
+    def state_dict(self) -> dict[str, int]:
+        """``{'key': ..., 'calls': ...}``: everything needed to continue the stream."""
+        key, calls = self.state.tolist()
+        return {"key": key, "calls": calls}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue the stream saved by :meth:`state_dict`."""
+        if not isinstance(state, dict) or set(state) != {"key", "calls"}:
+            raise ValueError(f"expected a dict with keys 'key' and 'calls', got {state!r}")
+        calls = check_int64("calls", state["calls"])
+        if calls < 0:
+            raise ValueError(f"calls must be >= 0, got {calls}")
+        self.state = torch.tensor([check_int64("key", state["key"]), calls], dtype=torch.int64)
+        self._reset_replay()

@@ -1,0 +1,234 @@
+"""Seeded dropout: the keep mask is a pure function of (seed, element index), never stored.
+
+Forward and backward regenerate the mask from the seed, so the only state saved for backward is
+one int64 seed (eager dropout keeps a one-byte mask per element). Backward is the same op applied
+to the incoming gradient: ``dx = where(keep, dy / (1 - p), 0)``.
+
+The stream: columns are grouped by 8; group ``g`` of a row draws one Philox-4x32-10 call
+``philox(key, lo32(g), hi32(g), 0, 0)`` (:mod:`slipstream.ops.philox`), whose four words split into
+eight 16-bit numbers ``u`` (column ``8*g + j`` takes word ``j % 4``, its low half for ``j < 4``, its
+high half otherwise), and an element is kept when ``u >= round(p * 2**16)``. Eight decisions per
+Philox call keep the kernel memory-bound in bf16; the price is that the drop probability is
+``p`` rounded to a multiple of ``2**-16`` (the scale stays exactly ``1 / (1 - p)``).
+
+* :func:`seeded_dropout` keys the whole tensor with one seed and numbers its elements in row-major
+  order (one row of ``x.numel()`` columns); a non-contiguous ``x`` is copied once.
+* :func:`seeded_dropout_rows` keys each row of a 2-D tensor with its own seed and numbers columns
+  within the row; any strides work without a copy (a transposed view gives the values of its
+  contiguous copy).
+
+The decision is made in integers, so the Triton kernel and the PyTorch fallback (the ``*_reference``
+functions, used on CPU and by the tests) give the same mask for the same seed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from slipstream.ops._backend import use_triton
+from slipstream.ops.philox import philox, split_u64
+
+__all__ = [
+    "seeded_dropout",
+    "seeded_dropout_rows",
+    "seeded_dropout_reference",
+    "seeded_dropout_rows_reference",
+    "keep_mask",
+    "keep_threshold",
+]
+
+_LANES = 8  # columns per Philox call
+_KEEP_LEVELS = 1 << 16  # each decision compares a 16-bit number
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def keep_threshold(p: float) -> int:
+    """The integer threshold a 16-bit random number must reach to keep its element.
+
+    Example:
+        >>> keep_threshold(0.5), keep_threshold(0.0), keep_threshold(1.0)
+        (32768, 0, 65536)
+    """
+    return round(p * _KEEP_LEVELS)
+
+
+def _scale(p: float) -> float:
+    return 0.0 if p == 1 else 1.0 / (1.0 - p)
+
+
+def keep_mask(seeds: Tensor, p: float, n_cols: int, start: int = 0) -> Tensor:
+    """Boolean keep mask of columns ``start .. n_cols - 1`` for rows keyed by ``seeds``, in PyTorch.
+
+    ``seeds`` is an int64 tensor with one seed per row (a 0-d tensor is one row); the result has
+    shape ``(rows, n_cols - start)`` on ``seeds``' device.
+
+    Example:
+        >>> m = keep_mask(torch.tensor([7, 8]), 0.25, 10)
+        >>> m.shape, m.dtype
+        (torch.Size([2, 10]), torch.bool)
+    """
+    if not isinstance(seeds, Tensor) or seeds.dtype != torch.int64:
+        raise TypeError(f"seeds must be an int64 tensor, got {_describe(seeds)}")
+    first = start // _LANES
+    groups = torch.arange(first, -(-n_cols // _LANES), device=seeds.device)
+    lo, hi = split_u64(groups)
+    words = torch.stack(philox(seeds.reshape(-1, 1), lo, hi), dim=-1)  # (rows, groups, 4)
+    numbers = torch.cat([words & 0xFFFF, words >> 16], dim=-1).flatten(1)  # 8 per group
+    return numbers[:, start - first * _LANES : n_cols - first * _LANES] >= keep_threshold(p)
+
+
+def _apply_mask(x: Tensor, mask: Tensor, p: float) -> Tensor:
+    return torch.where(mask, x * _scale(p), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def seeded_dropout_reference(x: Tensor, p: float, seed: Union[int, Tensor]) -> Tensor:
+    """PyTorch version of :func:`seeded_dropout` (same mask, computed in ``x``'s dtype).
+
+    Example:
+        >>> x = torch.randn(3, 5, dtype=torch.float64)
+        >>> torch.equal(seeded_dropout_reference(x, 0.5, 1), seeded_dropout_reference(x, 0.5, 1))
+        True
+    """
+    key = _seed_tensor(seed).to(x.device)
+    return _apply_mask(x, keep_mask(key, p, x.numel()).view(x.shape), p)
+
+
+def seeded_dropout_rows_reference(x: Tensor, p: float, seeds: Tensor) -> Tensor:
+    """PyTorch version of :func:`seeded_dropout_rows` (same mask, computed in ``x``'s dtype).
+
+    Example:
+        >>> x = torch.randn(4, 6, dtype=torch.float64)
+        >>> seeded_dropout_rows_reference(x, 0.5, torch.arange(4)).shape
+        torch.Size([4, 6])
+    """
+    return _apply_mask(x, keep_mask(seeds.to(x.device), p, x.shape[1]), p)
+
+
+def _dropout_2d(x: Tensor, p: float, seed: int = 0, seeds: Optional[Tensor] = None) -> Tensor:
+    """Dropout of a 2-D ``x`` keyed by ``seeds`` (one per row) or by ``seed`` (every row)."""
+    if use_triton(x):
+        from slipstream.ops.kernels.dropout import launch_seeded_dropout
+
+        out = torch.empty_like(x)
+        launch_seeded_dropout(x, out, keep_threshold(p), _scale(p), seed=seed, seeds=seeds)
+        return out
+    keys = seeds if seeds is not None else torch.tensor(seed, dtype=torch.int64, device=x.device)
+    mask = keep_mask(keys, p, x.shape[1])
+    return _apply_mask(x, mask, p)
+
+
+@torch.library.custom_op("slipstream::seeded_dropout", mutates_args=())
+def _seeded_dropout_op(x: Tensor, p: float, seed: Tensor) -> Tensor:
+    return _dropout_2d(x.contiguous().view(1, -1), p, seed=int(seed)).view(x.shape)
+
+
+@_seeded_dropout_op.register_fake
+def _seeded_dropout_fake(x: Tensor, p: float, seed: Tensor) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("slipstream::seeded_dropout_rows", mutates_args=())
+def _seeded_dropout_rows_op(x: Tensor, p: float, seeds: Tensor) -> Tensor:
+    return _dropout_2d(x, p, seeds=seeds)
+
+
+@_seeded_dropout_rows_op.register_fake
+def _seeded_dropout_rows_fake(x: Tensor, p: float, seeds: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _register_dropout_autograd(op: torch.library.CustomOpDef) -> None:
+    """Backward of dropout is dropout of the gradient with the same seed(s): save only those."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        _, ctx.p, key = inputs
+        ctx.save_for_backward(key)
+
+    def backward(ctx, grad: Tensor):
+        (key,) = ctx.saved_tensors
+        return op(grad, ctx.p, key), None, None
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+_register_dropout_autograd(_seeded_dropout_op)
+_register_dropout_autograd(_seeded_dropout_rows_op)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _check_x_and_p(x: object, p: object) -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {_describe(x)}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"p must be a float in [0, 1], got {_describe(p)}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be in [0, 1], got {p}")
+
+
+def _seed_tensor(seed: object) -> Tensor:
+    """``seed`` as a 0-d int64 tensor: a Python int in the int64 range, or such a tensor."""
+    if isinstance(seed, Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise TypeError(f"seed must be an int or a one-element int64 tensor, got {_describe(seed)}")
+        return seed.reshape(())
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or a one-element int64 tensor, got {_describe(seed)}")
+    if not _INT64_MIN <= seed <= _INT64_MAX:
+        raise ValueError(f"seed must be in [-2**63, 2**63 - 1], got {seed}")
+    return torch.tensor(seed, dtype=torch.int64)
+
+
+def seeded_dropout(x: Tensor, p: float, seed: Union[int, Tensor]) -> Tensor:
+    """Dropout whose keep mask is a pure function of ``seed`` and the element's row-major index.
+
+    Kept elements are scaled by ``1 / (1 - p)``; ``p=0`` returns a copy of ``x``, ``p=1`` zeros. The
+    same seed gives the same mask on every call and every device; backward regenerates it, so
+    nothing but the seed is saved. ``seed`` is an int in the int64 range or a one-element int64
+    tensor (a CUDA seed tensor is read back to the host, a synchronization). The result is
+    contiguous; a non-contiguous ``x`` is copied once.
+
+    Example:
+        >>> x = torch.randn(4, 8)
+        >>> y = seeded_dropout(x, 0.5, seed=1234)
+        >>> torch.equal(y, seeded_dropout(x, 0.5, seed=1234))
+        True
+        >>> bool(((y == 0) | torch.isclose(y, 2 * x)).all())
+        True
+    """
+    _check_x_and_p(x, p)
+    return _seeded_dropout_op(x, float(p), _seed_tensor(seed))
+
+
+def seeded_dropout_rows(x: Tensor, p: float, seeds: Tensor) -> Tensor:
+    """Dropout of a 2-D ``x`` with one int64 seed per row; the mask of row ``i`` depends on ``seeds[i]``.
+
+    Columns are numbered within each row, so rows with equal seeds get equal masks and a row's mask
+    does not depend on the other rows. Any strides work (no copy); the result has ``x``'s layout
+    when ``x`` is dense, and the values of the contiguous case always.
+
+    Example:
+        >>> x = torch.randn(3, 10)
+        >>> y = seeded_dropout_rows(x, 0.5, torch.tensor([1, 2, 1]))
+        >>> torch.equal(y[0] == 0, y[2] == 0)
+        True
+        >>> torch.equal(seeded_dropout_rows(x.t().contiguous().t(), 0.5, torch.tensor([1, 2, 1])), y)
+        True
+    """
+    _check_x_and_p(x, p)
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (rows, columns), got shape {tuple(x.shape)}")
+    if not isinstance(seeds, Tensor) or seeds.dtype != torch.int64 or seeds.dim() != 1:
+        raise TypeError(f"seeds must be a 1-D int64 tensor, got {_describe(seeds)}")
+    if seeds.shape[0] != x.shape[0]:
+        raise ValueError(f"seeds must have one seed per row of x ({x.shape[0]}), got {seeds.shape[0]}")
+    if seeds.device != x.device:
+        raise ValueError(f"seeds must be on x's device ({x.device}), got {seeds.device}")
+    return _seeded_dropout_rows_op(x, float(p), seeds)

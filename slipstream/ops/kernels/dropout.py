@@ -1,0 +1,152 @@
+"""Triton kernel for seeded dropout over a 2-D view with any strides.
+
+One Philox-4x32-10 call per (row, group of 8 columns) gives four 32-bit words, split into eight
+16-bit numbers, one per column of the group (column ``8*g + j`` uses word ``j % 4``, low half for
+``j < 4``, high half otherwise). An element is kept when its number is ``>= threshold``. The key is
+the row's seed, or one seed for every row; the counter is ``(lo32(g), hi32(g), 0, 0)``. This is the
+stream :func:`slipstream.ops.dropout.keep_mask` computes in PyTorch, bit for bit.
+
+Imported only when a kernel is about to run (see ``slipstream.ops._backend``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["launch_seeded_dropout"]
+
+# Elements per program: 4096 keeps each thread on 16-byte vectors with 8 warps in bf16.
+_BLOCK_ELEMENTS = 4096
+_LANES = 8  # columns per Philox call (four words, two 16-bit halves each)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _seeded_dropout_kernel(
+    x_ptr,
+    out_ptr,
+    seeds_ptr,
+    seed,
+    n_rows,
+    n_cols,
+    x_stride_r,
+    x_stride_c,
+    out_stride_r,
+    out_stride_c,
+    seeds_stride,
+    threshold,
+    scale,
+    col_blocks,
+    PER_ROW_SEEDS: tl.constexpr,
+    INT64: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_GROUPS: tl.constexpr,
+):
+    LANES: tl.constexpr = 8
+    pid = tl.program_id(0)
+    rows = (pid // col_blocks) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    groups = (pid % col_blocks) * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS)
+    if INT64:  # offsets, and column indices of very wide rows, need 64 bits
+        rows = rows.to(tl.int64)
+        groups = groups.to(tl.int64)
+    lanes = tl.arange(0, LANES)
+
+    r = rows[:, None, None]
+    c = groups[None, :, None] * LANES + lanes[None, None, :]
+    inside = (r < n_rows) & (c < n_cols)
+    x = tl.load(x_ptr + r * x_stride_r + c * x_stride_c, mask=inside)
+
+    if PER_ROW_SEEDS:
+        key = tl.load(seeds_ptr + rows * seeds_stride, mask=rows < n_rows, other=0)[:, None]
+    else:
+        key = seed
+    c0 = groups.to(tl.uint32)[None, :]  # low word (truncation)
+    if INT64:
+        c1 = (groups >> 32).to(tl.uint32)[None, :]
+    else:
+        c1 = c0 * 0
+    zero = c0 * 0
+    w0, w1, w2, w3 = tl.philox(key, c0, c1, zero, zero)
+
+    word_index = lanes[None, None, :] % 4
+    word = tl.where(
+        word_index == 0,
+        w0[:, :, None],
+        tl.where(word_index == 1, w1[:, :, None], tl.where(word_index == 2, w2[:, :, None], w3[:, :, None])),
+    )
+    half_shift = ((lanes[None, None, :] // 4) * 16).to(tl.uint32)
+    keep = ((word >> half_shift) & 0xFFFF) >= threshold
+
+    out = tl.where(keep, x * scale, 0.0)
+    tl.store(out_ptr + r * out_stride_r + c * out_stride_c, out.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def _reach(t: torch.Tensor, rows: int, cols: int) -> int:
+    """Largest element offset a kernel computes for ``t`` over a ``rows`` x ``cols`` padded grid."""
+    return (rows - 1) * t.stride(0) + (cols - 1) * t.stride(-1)
+
+
+def _tile(x: torch.Tensor) -> tuple[int, int]:
+    """(rows, column groups) per program: long along whichever dimension is contiguous in memory."""
+    n_rows, n_cols = x.shape
+    groups = triton.cdiv(n_cols, _LANES)
+    if x.stride(0) == 1 and x.stride(1) != 1 and n_rows > 1:  # column-major, e.g. a transposed view
+        block_rows = min(64, triton.next_power_of_2(n_rows))
+        return block_rows, min(8, triton.next_power_of_2(groups))
+    block_groups = min(_BLOCK_ELEMENTS // _LANES, triton.next_power_of_2(groups))
+    block_rows = min(max(1, _BLOCK_ELEMENTS // (block_groups * _LANES)), triton.next_power_of_2(n_rows))
+    return block_rows, block_groups
+
+
+def launch_seeded_dropout(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    threshold: int,
+    scale: float,
+    seed: int = 0,
+    seeds: Optional[torch.Tensor] = None,
+    int64: Optional[bool] = None,
+) -> None:
+    """Write ``where(keep, x * scale, 0)`` into ``out``; ``x``, ``out`` are 2-D with any strides.
+
+    ``seeds`` (int64, one per row, on ``x``'s device) keys each row; without it every row is keyed
+    by ``seed``. ``int64`` forces (or forbids) 64-bit indexing; by default it is used only when an
+    offset or a column index could pass 2**31.
+    """
+    n_rows, n_cols = x.shape
+    if x.numel() == 0:
+        return
+    block_rows, block_groups = _tile(x)
+    col_blocks = triton.cdiv(n_cols, block_groups * _LANES)
+    row_blocks = triton.cdiv(n_rows, block_rows)
+    if int64 is None:
+        # Masked lanes of the last tiles still compute offsets: count the padded grid.
+        rows, cols = row_blocks * block_rows, col_blocks * block_groups * _LANES
+        seeds_reach = 0 if seeds is None else (rows - 1) * seeds.stride(0)
+        int64 = max(cols, seeds_reach, _reach(x, rows, cols), _reach(out, rows, cols)) >= 2**31
+    grid = (row_blocks * col_blocks,)
+    per_row = seeds is not None
+    _seeded_dropout_kernel[grid](
+        x,
+        out,
+        seeds if per_row else x,
+        seed,
+        n_rows,
+        n_cols,
+        x.stride(0),
+        x.stride(1),
+        out.stride(0),
+        out.stride(1),
+        seeds.stride(0) if per_row else 0,
+        threshold,
+        scale,
+        col_blocks,
+        PER_ROW_SEEDS=per_row,
+        INT64=int64,
+        BLOCK_ROWS=block_rows,
+        BLOCK_GROUPS=block_groups,
+        num_warps=max(1, min(8, block_rows * block_groups * _LANES // 512)),
+    )
