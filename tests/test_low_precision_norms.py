@@ -14,7 +14,7 @@ BF16_TOL = 2e-2  # relative error of a bf16 norm against float64
 
 
 def rel_err(out, ref):
-    return float((out.detach().double() - ref).norm() / ref.norm())
+    return float((out.detach().double() - ref.detach()).norm() / ref.detach().norm())
 
 
 def make_ln(affine=True, bias=True):
