@@ -19,8 +19,9 @@ import triton.language as tl
 
 __all__ = ["launch_seeded_dropout"]
 
-# Elements per program: 4096 keeps each thread on 16-byte vectors with 8 warps in bf16.
-_BLOCK_ELEMENTS = 4096
+# Elements per program, and per thread (16 bf16 values: two 16-byte vectors); see benchmarks/dropout.py --tune.
+BLOCK_ELEMENTS = 4096
+_ELEMENTS_PER_THREAD = 16
 _LANES = 8  # columns per Philox call (four words, two 16-bit halves each)
 
 
@@ -89,15 +90,15 @@ def _reach(t: torch.Tensor, rows: int, cols: int) -> int:
     return (rows - 1) * t.stride(0) + (cols - 1) * t.stride(-1)
 
 
-def _tile(x: torch.Tensor) -> tuple[int, int]:
+def _tile(x: torch.Tensor, block_elements: int) -> tuple[int, int]:
     """(rows, column groups) per program: long along whichever dimension is contiguous in memory."""
     n_rows, n_cols = x.shape
     groups = triton.cdiv(n_cols, _LANES)
     if x.stride(0) == 1 and x.stride(1) != 1 and n_rows > 1:  # column-major, e.g. a transposed view
         block_rows = min(64, triton.next_power_of_2(n_rows))
         return block_rows, min(8, triton.next_power_of_2(groups))
-    block_groups = min(_BLOCK_ELEMENTS // _LANES, triton.next_power_of_2(groups))
-    block_rows = min(max(1, _BLOCK_ELEMENTS // (block_groups * _LANES)), triton.next_power_of_2(n_rows))
+    block_groups = min(block_elements // _LANES, triton.next_power_of_2(groups))
+    block_rows = min(max(1, block_elements // (block_groups * _LANES)), triton.next_power_of_2(n_rows))
     return block_rows, block_groups
 
 
@@ -109,17 +110,20 @@ def launch_seeded_dropout(
     seed: int = 0,
     seeds: Optional[torch.Tensor] = None,
     int64: Optional[bool] = None,
+    block_elements: int = BLOCK_ELEMENTS,
+    num_warps: Optional[int] = None,
 ) -> None:
     """Write ``where(keep, x * scale, 0)`` into ``out``; ``x``, ``out`` are 2-D with any strides.
 
     ``seeds`` (int64, one per row, on ``x``'s device) keys each row; without it every row is keyed
     by ``seed``. ``int64`` forces (or forbids) 64-bit indexing; by default it is used only when an
-    offset or a column index could pass 2**31.
+    offset or a column index could pass 2**31. ``block_elements`` (a power of two >= 8) and
+    ``num_warps`` set the tiling, for tuning.
     """
     n_rows, n_cols = x.shape
     if x.numel() == 0:
         return
-    block_rows, block_groups = _tile(x)
+    block_rows, block_groups = _tile(x, block_elements)
     col_blocks = triton.cdiv(n_cols, block_groups * _LANES)
     row_blocks = triton.cdiv(n_rows, block_rows)
     if int64 is None:
@@ -148,5 +152,5 @@ def launch_seeded_dropout(
         INT64=int64,
         BLOCK_ROWS=block_rows,
         BLOCK_GROUPS=block_groups,
-        num_warps=max(1, min(8, block_rows * block_groups * _LANES // 512)),
+        num_warps=num_warps or max(1, min(8, block_rows * block_groups * _LANES // (32 * _ELEMENTS_PER_THREAD))),
     )
