@@ -81,6 +81,8 @@ def _seeded_dropout_kernel(
     half_shift = ((lanes[None, None, :] // 4) * 16).to(tl.uint32)
     keep = ((word >> half_shift) & 0xFFFF) >= threshold
 
+    if tl.constexpr(x.dtype.primitive_bitwidth) < 32:  # fp16/bf16: scale in fp32
+        x = x.to(tl.float32)
     out = tl.where(keep, x * scale, 0.0)
     tl.store(out_ptr + r * out_stride_r + c * out_stride_c, out.to(out_ptr.dtype.element_ty), mask=inside)
 
