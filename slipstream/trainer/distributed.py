@@ -84,14 +84,14 @@ def init_distributed(device: torch.device, timeout_s: float) -> DistContext:
         1
     """
     world_size = _env_int("WORLD_SIZE", 1)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's object collectives use the current device
     if dist.is_available() and dist.is_initialized():
         return DistContext(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0))
     if world_size == 1:
         return DistContext()
     if not dist.is_available():
         raise RuntimeError(f"WORLD_SIZE={world_size} but this PyTorch build has no torch.distributed")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     atexit.register(_destroy_group)
