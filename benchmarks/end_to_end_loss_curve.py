@@ -2,7 +2,7 @@
 
 One model (GPT-2 small by default) trains ``--curve-steps`` steps four times, eager: without methods
 and with all of them, each at two seeds (seeds change the initial weights and dropout draws; the
-batches stay the same). The curves are smoothed with a moving average; the methods pass when the gap
+batches, up to 200 distinct ones, stay the same). The curves are smoothed with a moving average; the methods pass when the gap
 between a methods curve and the baseline of the same seed stays within the gap between the two
 baseline seeds (mean absolute difference of the smoothed curves).
 """
@@ -20,6 +20,7 @@ from benchmarks.end_to_end_training import Config, MethodFn, Trainee, batch_pool
 __all__ = ["smooth", "mean_gap", "run_loss_curve"]
 
 SMOOTHING_WINDOW = 10
+MAX_CURVE_BATCHES = 200  # fresh batches for the curve (no early repeats to memorize), within memory
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -83,7 +84,7 @@ def _plot(curves: dict[str, list[float]], window: int, title: str, path: str) ->
 def run_loss_curve(spec: ModelSpec, args: argparse.Namespace, methods: dict[str, MethodFn],
                    device: torch.device, env: str) -> dict:
     """Train the four curves, judge the methods against the seed noise, plot, and report."""
-    batches = batch_pool(spec, args.quick, device)
+    batches = batch_pool(spec, args.quick, device, count=min(args.curve_steps, MAX_CURVE_BATCHES))
     seeds = (args.seed, args.seed + 1)
     window = max(1, min(SMOOTHING_WINDOW, args.curve_steps // 4))
     curves, smoothed, surgery = {}, {}, {}

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ModelSpec", "MODELS", "model_names"]
+__all__ = ["ModelSpec", "MODELS", "BATCHES_IN_POOL", "model_names"]
 
 Batch = dict[str, torch.Tensor]
 
@@ -31,7 +31,7 @@ class ModelSpec:
     name: str
     package: str  # the import the model needs (models whose package is missing are skipped)
     build: Callable[[bool], nn.Module]  # quick -> model with random weights, on the default device
-    make_batches: Callable[[bool, torch.Generator], list[Batch]]  # quick, generator -> CPU batches
+    make_batches: Callable[[bool, torch.Generator, int], list[Batch]]  # quick, generator, count -> CPU batches
     loss: Callable[[nn.Module, Batch], torch.Tensor]
     items_per_batch: Callable[[Batch], int]  # throughput counts these (tokens or images)
     unit: str
@@ -48,7 +48,7 @@ class ModelSpec:
         return " x ".join(str(d) for d in first.shape)
 
 
-BATCHES_IN_POOL = 4  # distinct batches cycled through; every configuration sees the same sequence
+BATCHES_IN_POOL = 4  # distinct batches a benchmark run cycles through (every configuration alike)
 BIGRAM_BRANCHING = 8
 
 
@@ -94,10 +94,10 @@ def build_gpt2(quick: bool) -> nn.Module:
     return GPT2LMHeadModel(GPT2Config())
 
 
-def gpt2_batches(quick: bool, generator: torch.Generator) -> list[Batch]:
-    """Causal-LM batches of 8 x 512 tokens (``quick``: 2 x 32)."""
+def gpt2_batches(quick: bool, generator: torch.Generator, count: int) -> list[Batch]:
+    """``count`` causal-LM batches of 8 x 512 tokens (``quick``: 2 x 32)."""
     batch, seq, vocab = (2, 32, 256) if quick else (8, 512, 50257)
-    tokens = bigram_tokens(BATCHES_IN_POOL * batch, seq, vocab, generator)
+    tokens = bigram_tokens(count * batch, seq, vocab, generator)
     return [{"input_ids": t, "labels": t} for t in tokens.split(batch)]
 
 
@@ -119,10 +119,10 @@ BERT_MASK_TOKEN = 103  # [MASK] in BERT's vocabulary
 MASKED_FRACTION = 0.15
 
 
-def bert_batches(quick: bool, generator: torch.Generator) -> list[Batch]:
-    """Masked-LM batches of 16 x 512 tokens, 15% of them masked (``quick``: 2 x 32)."""
+def bert_batches(quick: bool, generator: torch.Generator, count: int) -> list[Batch]:
+    """``count`` masked-LM batches of 16 x 512 tokens, 15% of them masked (``quick``: 2 x 32)."""
     batch, seq, vocab = (2, 32, 256) if quick else (16, 512, 30522)
-    tokens = bigram_tokens(BATCHES_IN_POOL * batch, seq, vocab, generator)
+    tokens = bigram_tokens(count * batch, seq, vocab, generator)
     masked = torch.rand(tokens.shape, generator=generator) < MASKED_FRACTION
     inputs = tokens.masked_fill(masked, BERT_MASK_TOKEN % vocab)
     labels = tokens.masked_fill(~masked, -100)
@@ -151,11 +151,11 @@ def _timm_builder(name: str) -> Callable[[bool], nn.Module]:
     return build
 
 
-def image_batches(quick: bool, generator: torch.Generator) -> list[Batch]:
-    """Classification batches of 64 images of 224 x 224 (``quick``: 2 of 32 x 32)."""
+def image_batches(quick: bool, generator: torch.Generator, count: int) -> list[Batch]:
+    """``count`` classification batches of 64 images of 224 x 224 (``quick``: 2 of 32 x 32)."""
     batch, size, classes = (2, 32, 10) if quick else (64, 224, 1000)
     batches = []
-    for _ in range(BATCHES_IN_POOL):
+    for _ in range(count):
         x, y = template_images(batch, classes, size, generator)
         batches.append({"x": x, "y": y})
     return batches
@@ -191,12 +191,12 @@ def build_unet(quick: bool) -> nn.Module:
 DIFFUSION_STEPS = 1000
 
 
-def diffusion_batches(quick: bool, generator: torch.Generator) -> list[Batch]:
-    """DDPM training batches of 128 noised 32 x 32 images with their timesteps (``quick``: 2 of 16 x 16)."""
+def diffusion_batches(quick: bool, generator: torch.Generator, count: int) -> list[Batch]:
+    """``count`` DDPM batches of 128 noised 32 x 32 images with their timesteps (``quick``: 2 of 16 x 16)."""
     batch, size = (2, 16) if quick else (128, 32)
     alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, DIFFUSION_STEPS), dim=0)
     batches = []
-    for _ in range(BATCHES_IN_POOL):
+    for _ in range(count):
         clean, _ = template_images(batch, 16, size, generator)
         noise = torch.randn(clean.shape, generator=generator)
         t = torch.randint(DIFFUSION_STEPS, (batch,), generator=generator)

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from benchmarks.end_to_end_models import Batch, ModelSpec
+from benchmarks.end_to_end_models import BATCHES_IN_POOL, Batch, ModelSpec
 from slipstream.surgery import SurgeryWarning
 
 __all__ = [
@@ -177,15 +177,15 @@ def _to_device(batch: Batch, device: torch.device, channels_last: bool) -> Batch
 DATA_SEED = 1234  # the batches are the same for every configuration and every model seed
 
 
-def batch_pool(spec: ModelSpec, quick: bool, device: torch.device) -> list[Batch]:
-    """``spec``'s synthetic batches on ``device`` (image tensors in channels_last for the CNNs).
+def batch_pool(spec: ModelSpec, quick: bool, device: torch.device, count: int = BATCHES_IN_POOL) -> list[Batch]:
+    """``count`` synthetic batches of ``spec`` on ``device`` (image tensors in channels_last for the CNNs).
 
     Example:
         >>> from benchmarks.end_to_end_models import MODELS
         >>> len(batch_pool(MODELS['gpt2'], quick=True, device=torch.device('cpu')))
         4
     """
-    batches = spec.make_batches(quick, torch.Generator().manual_seed(DATA_SEED))
+    batches = spec.make_batches(quick, torch.Generator().manual_seed(DATA_SEED), count)
     return [_to_device(b, device, spec.channels_last) for b in batches]
 
 
