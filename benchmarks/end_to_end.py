@@ -27,6 +27,7 @@ import argparse
 import importlib.metadata
 import json
 import statistics
+import traceback
 from typing import Optional, Sequence
 
 import torch
@@ -143,10 +144,17 @@ def benchmark_model(spec: ModelSpec, args: argparse.Namespace, methods: dict[str
     del eager_model
     free_device_memory()
 
-    trainees = [build(config) for config in _configs(args.configs, applicable)]
-    for trainee in trainees:
-        print(f"[{spec.name}] warm-up {trainee.config.name}", flush=True)
-        trainee.warm_up(args.warmup)
+    trainees, failed = [], {}
+    for config in _configs(args.configs, applicable):
+        print(f"[{spec.name}] build and warm up {config.name}", flush=True)
+        try:
+            trainee = build(config)
+            trainee.warm_up(args.warmup)
+            trainees.append(trainee)
+        except Exception as error:  # a method or compile that breaks: report it, time the others
+            traceback.print_exc()
+            failed[config.name] = f"{type(error).__name__}: {error}"
+            free_device_memory()
     for r in range(args.rounds):
         # Rotate the order every round so no configuration always runs right after the same other one.
         for trainee in trainees[r % len(trainees):] + trainees[:r % len(trainees)]:
@@ -163,6 +171,7 @@ def benchmark_model(spec: ModelSpec, args: argparse.Namespace, methods: dict[str
         "surgery": {m: r.summary() for m, r in surgery.items()},
         "applicable": applicable,
         "configs": [_config_result(t) for t in trainees],
+        "failed": failed,
     }
     del trainees
     free_device_memory()
@@ -205,7 +214,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if not spec.available():
             results.append({"model": name, "skipped": f"package {spec.package!r} is not installed"})
         else:
-            results.append(benchmark_model(spec, args, methods, device))
+            try:
+                results.append(benchmark_model(spec, args, methods, device))
+            except Exception as error:  # keep the other models' results
+                traceback.print_exc()
+                results.append({"model": name, "skipped": f"failed: {type(error).__name__}: {error}"})
+                free_device_memory()
         print(model_section(results[-1]), flush=True)
         _write_json(args.json, {"environment": env, "models": results})
     if args.rounds < 3:

@@ -122,5 +122,7 @@ def model_section(result: dict) -> str:
         f"rounds (configurations interleaved); step time = median over rounds of each round's median, spread = "
         f"min-max of the round medians; loss after {result['loss_steps']} steps, same seed and batches."
     )
-    parts = [header, "\n".join(_surgery_lines(result)), _results_table(result), "\n".join(_target_lines(result))]
+    failures = "\n".join(f"- `{name}` failed: {error}" for name, error in result["failed"].items())
+    parts = [header, "\n".join(_surgery_lines(result)), _results_table(result), failures,
+             "\n".join(_target_lines(result))]
     return "\n\n".join(p for p in parts if p) + "\n"
