@@ -111,8 +111,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@record
-def main(argv: Optional[list[str]] = None) -> None:
+def run(argv: Optional[list[str]] = None) -> dict:
+    """Train every method set, print the comparison on rank 0 and return ``{methods: results}``."""
     args = parse_args(argv)
     device = resolve_device(args.device)
     if device.type == "cpu":
@@ -121,7 +121,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     results = {name: train_once(algorithms, args, precision) for name, algorithms in method_sets(precision).items()}
     first = next(iter(results.values()))
     if first["rank"] != 0:
-        return
+        return results
     print(f"digits, {args.epochs} epochs, batch {args.batch_size} x {first['world_size']} process(es), "
           f"hidden {args.hidden}, {first['device']}, {precision}")
     print(f"{'methods':<36} {'test acc':>8} {'fit s':>7} {'samples/s':>10}  changed")
@@ -131,6 +131,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.results:
         with open(args.results, "w") as file:
             json.dump({"args": vars(args), "precision": precision, "runs": results}, file, indent=1)
+    return results
+
+
+@record  # under torchrun, a failing rank's traceback is reported as the job's error
+def main() -> None:
+    run()
 
 
 if __name__ == "__main__":
