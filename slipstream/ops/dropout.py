@@ -80,8 +80,8 @@ def keep_mask(seeds: Tensor, p: float, n_cols: int, start: int = 0) -> Tensor:
     return numbers[:, start - first * _LANES : n_cols - first * _LANES] >= keep_threshold(p)
 
 
-def _apply_mask(x: Tensor, mask: Tensor, p: float) -> Tensor:
-    return torch.where(mask, x * _scale(p), torch.zeros((), dtype=x.dtype, device=x.device))
+def _apply_mask(x: Tensor, mask: Tensor, p: float, out: Optional[Tensor] = None) -> Tensor:
+    return torch.where(mask, x * _scale(p), torch.zeros((), dtype=x.dtype, device=x.device), out=out)
 
 
 def seeded_dropout_reference(x: Tensor, p: float, seed: Union[int, Tensor]) -> Tensor:
@@ -109,15 +109,14 @@ def seeded_dropout_rows_reference(x: Tensor, p: float, seeds: Tensor) -> Tensor:
 
 def _dropout_2d(x: Tensor, p: float, seed: int = 0, seeds: Optional[Tensor] = None) -> Tensor:
     """Dropout of a 2-D ``x`` keyed by ``seeds`` (one per row) or by ``seed`` (every row)."""
+    out = torch.empty_like(x)
     if use_triton(x):
         from slipstream.ops.kernels.dropout import launch_seeded_dropout
 
-        out = torch.empty_like(x)
         launch_seeded_dropout(x, out, keep_threshold(p), _scale(p), seed=seed, seeds=seeds)
         return out
     keys = seeds if seeds is not None else torch.tensor(seed, dtype=torch.int64, device=x.device)
-    mask = keep_mask(keys, p, x.shape[1])
-    return _apply_mask(x, mask, p)
+    return _apply_mask(x, keep_mask(keys, p, x.shape[1]), p, out=out)
 
 
 @torch.library.custom_op("slipstream::seeded_dropout", mutates_args=())
