@@ -115,7 +115,8 @@ def _scale_shift(y, W, B, cols, col_ok, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.c
     return y
 
 
-@triton.jit
+# M (the row count) is not specialized on: batch shapes vary, and each value would compile anew.
+@triton.jit(do_not_specialize=["M"])
 def _forward_rows_kernel(
     X, Y, W, B, Mean, Rstd, M, N, stride_x, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -217,7 +218,7 @@ def _load_tile(ptr, rows64, stride, cols, mask):
     return tl.load(ptr + rows64 * stride + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _backward_rows_kernel(
     DY, X, W, Mean, Rstd, DX, DW_partial, DB_partial, M, N, stride_dy, stride_x,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -282,7 +283,7 @@ def _backward_row_means_kernel(
     tl.store(MeanG + row, tl.sum(acc_g, axis=0) / N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _backward_columns_kernel(
     DY, X, W, Mean, Rstd, MeanGX, MeanG, DX, DW_partial, DB_partial, M, N, stride_dy, stride_x,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,

@@ -1,0 +1,187 @@
+"""slipstream.ops.layer_norm: kernels (TRITON_INTERPRET=1) and fallback against float64 references."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slipstream.ops.layer_norm import layer_norm, layer_norm_backward_reference, layer_norm_forward_reference
+
+TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def rel_err(out, ref):
+    return float((out.detach().double() - ref).norm() / ref.norm())
+
+
+def random_case(shape, normalized_shape, dtype, param_dtype=None, affine=True, bias=True):
+    """Random (never zero) x, weight, bias, dy; x is offset from zero as activations are."""
+    param_dtype = param_dtype or dtype
+    x = (torch.randn(shape) * 3 + 2).to(dtype).requires_grad_()
+    w = (torch.randn(normalized_shape) * 0.5 + 1).to(param_dtype).requires_grad_() if affine else None
+    b = torch.randn(normalized_shape).to(param_dtype).requires_grad_() if affine and bias else None
+    dy = torch.randn(shape).to(dtype)
+    return x, w, b, dy
+
+
+def check_against_float64(x, w, b, dy, normalized_shape, tol, out_dtype=None, dy_dtype=None):
+    leaves = [t for t in (x, w, b) if t is not None]
+    y = layer_norm(x, normalized_shape, w, b, 1e-5, out_dtype=out_dtype)
+    assert y.dtype == (out_dtype or x.dtype) and y.shape == x.shape
+    grads = torch.autograd.grad(y, leaves, dy.to(dy_dtype or y.dtype))
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    x64 = leaves64[0]
+    w64 = leaves64[1] if w is not None else None
+    b64 = leaves64[-1] if b is not None else None
+    y64 = F.layer_norm(x64, normalized_shape, w64, b64, 1e-5)
+    grads64 = torch.autograd.grad(y64, leaves64, dy.to(dy_dtype or y.dtype).double())
+    assert rel_err(y, y64) < tol
+    for leaf, g, g64 in zip(leaves, grads, grads64):
+        assert g.dtype == leaf.dtype and g.shape == leaf.shape
+        assert rel_err(g, g64) < tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 7, 33, 1000, 1537])
+def test_forward_backward_match_float64(dtype, n):
+    x, w, b, dy = random_case((5, n), (n,), dtype)
+    if n == 1:  # a single element normalizes to zero: y = bias, dx = 0; compare absolutely
+        y = layer_norm(x, (n,), w, b)
+        dx, dw, db = torch.autograd.grad(y, (x, w, b), dy)
+        assert torch.equal(y, b.expand_as(y).to(dtype)) and not dx.any() and not dw.any()
+        assert rel_err(db, dy.double().sum(0)) < TOL[dtype]
+        return
+    check_against_float64(x, w, b, dy, (n,), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_single_row_and_leading_dims(dtype):
+    x, w, b, dy = random_case((1, 300), (300,), dtype)
+    check_against_float64(x, w, b, dy, (300,), TOL[dtype])
+    x, w, b, dy = random_case((2, 3, 4, 37), (37,), dtype)
+    check_against_float64(x, w, b, dy, (37,), TOL[dtype])
+
+
+def test_several_normalized_dims():
+    x, w, b, dy = random_case((3, 4, 6, 5), (6, 5), torch.float32)
+    check_against_float64(x, w, b, dy, (6, 5), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_inputs(dtype):
+    wide = (torch.randn(9, 80) * 3 + 2).to(dtype)
+    x = wide[:, 3:70].requires_grad_()  # rows of 67 with a row stride of 80: no copy
+    _, w, b, dy = random_case((9, 67), (67,), dtype)
+    check_against_float64(x, w, b, dy, (67,), TOL[dtype])
+    xt = (torch.randn(40, 6) * 3 + 2).to(dtype).t().requires_grad_()  # transposed: copied once
+    dyt = torch.randn(40, 6).to(dtype).t()  # a non-contiguous gradient too
+    _, w, b, _ = random_case((6, 40), (40,), dtype)
+    check_against_float64(xt, w, b, dyt, (40,), TOL[dtype])
+
+
+def test_broadcast_gradient():
+    x, w, b, _ = random_case((4, 50), (50,), torch.float32)
+    layer_norm(x, (50,), w, b).sum().backward()  # dy is an expanded tensor of stride 0
+    x64 = x.detach().double().requires_grad_()
+    F.layer_norm(x64, (50,), w.detach().double(), b.detach().double()).sum().backward()
+    assert rel_err(x.grad, x64.grad) < 1e-5
+    assert rel_err(b.grad, torch.full((50,), 4.0, dtype=torch.float64)) < 1e-6
+
+
+@pytest.mark.parametrize("affine,bias", [(False, False), (True, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_weight_or_bias(affine, bias, dtype):
+    x, w, b, dy = random_case((6, 129), (129,), dtype, affine=affine, bias=bias)
+    check_against_float64(x, w, b, dy, (129,), TOL[dtype])
+
+
+def test_bias_without_weight():
+    x, _, b, dy = random_case((6, 40), (40,), torch.float32)
+    check_against_float64(x, None, b, dy, (40,), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_input_with_fp32_params(dtype):
+    x, w, b, dy = random_case((7, 300), (300,), dtype, param_dtype=torch.float32)
+    check_against_float64(x, w, b, dy, (300,), TOL[dtype])
+
+
+def test_fp32_input_bf16_output():
+    """The autocast case: fp32 residual stream in, bf16 out; dx comes back fp32, dW/dB fp32."""
+    x, w, b, dy = random_case((9, 200), (200,), torch.float32)
+    check_against_float64(x, w, b, dy, (200,), TOL[torch.bfloat16], out_dtype=torch.bfloat16, dy_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("width", [8200, 16400])
+def test_wide_rows_take_the_looped_paths(width):
+    """Past 8192 the backward is column-tiled; past 16384 the forward loops over each row."""
+    x, w, b, dy = random_case((3, width), (width,), torch.float32)
+    check_against_float64(x, w, b, dy, (width,), 1e-5)
+
+
+def test_kernel_paths_with_small_tilings():
+    """Force the looped forward and the column-tiled backward on small rows, with masked tails."""
+    from slipstream.ops.kernels import layer_norm as kernels
+
+    for m, n in [(1, 70), (11, 100)]:
+        x, w, b, dy = (t.detach() for t in random_case((m, n), (n,), torch.float32))
+        y, mean, rstd = kernels.forward(x, w, b, 1e-5, torch.float32, kernels.Tiling(1, 32, 4))
+        ref_y, ref_mean, ref_rstd = layer_norm_forward_reference(x.double(), w, b, 1e-5, torch.float64)
+        assert rel_err(y, ref_y) < 1e-6 and rel_err(mean, ref_mean) < 1e-6 and rel_err(rstd, ref_rstd) < 1e-6
+        dx, dw, db = kernels.backward(dy, x, w, mean, rstd, b.dtype, kernels.Tiling(2, 32, 4, 1))
+        ref = layer_norm_backward_reference(dy.double(), x.double(), w.double(), ref_mean, ref_rstd, torch.float64)
+        for out, expected in zip((dx, dw, db), ref):
+            assert rel_err(out, expected) < 1e-5
+
+
+def test_backward_is_deterministic():
+    x, w, b, dy = random_case((40, 96), (96,), torch.float32)
+    first = torch.autograd.grad(layer_norm(x, (96,), w, b), (x, w, b), dy)
+    second = torch.autograd.grad(layer_norm(x, (96,), w, b), (x, w, b), dy)
+    assert all(torch.equal(a, c) for a, c in zip(first, second))
+
+
+def test_gradcheck():
+    x = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: layer_norm(x, (2, 5), w, b), (x, w, b))
+
+
+def test_torch_compile_has_no_graph_breaks_and_same_numerics():
+    x, w, b, _ = random_case((4, 6, 24), (24,), torch.float32)
+
+    def block(x, w, b):
+        return torch.tanh(layer_norm(x, (24,), w, b)) * 2
+
+    explanation = torch._dynamo.explain(block)(x, w, b)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    compiled = torch.compile(block, fullgraph=True)
+    out, ref = compiled(x, w, b), block(x, w, b)
+    assert torch.allclose(out, ref, atol=1e-6)
+    grads = torch.autograd.grad(out.square().sum(), (x, w, b))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (x, w, b))
+    assert all(torch.allclose(g, r, atol=1e-5, rtol=1e-5) for g, r in zip(grads, ref_grads))
+
+
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        (dict(x=[1.0]), TypeError),
+        (dict(x=torch.ones(3, 4, dtype=torch.int32)), TypeError),
+        (dict(normalized_shape=(5,)), ValueError),
+        (dict(normalized_shape=()), ValueError),
+        (dict(normalized_shape=(0,)), ValueError),
+        (dict(weight=torch.ones(5)), ValueError),
+        (dict(bias="zeros"), TypeError),
+        (dict(eps=-1.0), ValueError),
+        (dict(out_dtype=torch.int8), TypeError),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, error):
+    args = dict(x=torch.randn(3, 4), normalized_shape=(4,), weight=None, bias=None, eps=1e-5)
+    args.update(kwargs)
+    out_dtype = args.pop("out_dtype", None)
+    name = next(iter(kwargs))
+    with pytest.raises(error, match=name):
+        layer_norm(args.pop("x"), args.pop("normalized_shape"), **args, out_dtype=out_dtype)
