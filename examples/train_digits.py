@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import DataLoader, TensorDataset
 
-from slipstream.algorithms import Algorithm, FusedLayerNorm, GyroDropout, LowPrecisionLayerNorm
+from slipstream.algorithms import Algorithm, FusedLayerNorm, GyroDropout, LowMemoryDropout, LowPrecisionLayerNorm
 from slipstream.precision import autocast_dtype
 from slipstream.trainer import InMemoryLogger, Trainer
 from slipstream.trainer.amp import resolve_precision
@@ -53,11 +53,15 @@ def build_model(hidden: int, dropout: float = 0.1) -> nn.Sequential:
 
 
 def method_sets(precision: str) -> dict[str, list[Algorithm]]:
-    """The runs to compare. Low-precision norms only act under autocast; in fp32 the fused norm runs instead."""
+    """The runs to compare: the norm method alone, then with each dropout method (both replace nn.Dropout).
+
+    Low-precision norms only act under autocast; in fp32 the fused norm runs instead.
+    """
     norm = LowPrecisionLayerNorm if autocast_dtype(precision) is not None else FusedLayerNorm
     return {
         "plain": [],
         norm.__name__: [norm()],
+        f"{norm.__name__} + LowMemoryDropout": [norm(), LowMemoryDropout(seed=0)],
         f"{norm.__name__} + GyroDropout": [norm(), GyroDropout(sigma=64, tau=4)],
     }
 
@@ -124,9 +128,9 @@ def run(argv: Optional[list[str]] = None) -> dict:
         return results
     print(f"digits, {args.epochs} epochs, batch {args.batch_size} x {first['world_size']} process(es), "
           f"hidden {args.hidden}, {first['device']}, {precision}")
-    print(f"{'methods':<36} {'test acc':>8} {'fit s':>7} {'samples/s':>10}  changed")
+    print(f"{'methods':<40} {'test acc':>8} {'fit s':>7} {'samples/s':>10}  changed")
     for name, result in results.items():
-        print(f"{name:<36} {result['accuracy']:>8.4f} {result['fit_s']:>7.2f} {result['samples_per_s']:>10.0f}  "
+        print(f"{name:<40} {result['accuracy']:>8.4f} {result['fit_s']:>7.2f} {result['samples_per_s']:>10.0f}  "
               f"{result['changed']}")
     if args.results:
         with open(args.results, "w") as file:
