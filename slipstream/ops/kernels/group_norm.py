@@ -41,9 +41,13 @@ __all__ = ["forward", "backward", "TileShape", "tile_shape"]
 FORWARD_TILE = 8192
 BACKWARD_TILE = 4096
 # Elements each thread holds; sets the warps per program.
-ELEMENTS_PER_THREAD = 16
+ELEMENTS_PER_THREAD = 32
 # Partials a program reads per step when combining a set.
-COMBINE_BLOCK = 64
+COMBINE_BLOCK = 128
+# Fused launch: the last program of a set to arrive combines the partials (else every program does).
+LAST_ARRIVER_COMBINES = True
+# Shortest contiguous run (bytes) a tile reads from each row of a channels_last tensor.
+MIN_RUN_BYTES = 64
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -57,30 +61,20 @@ COMBINE_BLOCK = 64
 def _program_id(SYNC, num_sets, USE_TICKET: tl.constexpr):
     # Fused launches number programs by arrival (an atomic ticket), not by hardware start order.
     if USE_TICKET:
-        vid = tl.atomic_add(SYNC + num_sets, 1, sem="relaxed")
+        vid = tl.atomic_add(SYNC + 2 * num_sets, 1, sem="relaxed")
     else:
         vid = tl.program_id(0)
     return vid
 
 
 @triton.jit
-def _arrive_and_wait(SYNC, set_id, K):
-    """Barrier over the K programs of one set: publish this program's partials, wait for the rest."""
-    tl.debug_barrier()  # every thread's partial stores are issued before the release below
-    arrived = tl.atomic_add(SYNC + set_id, 1, sem="acq_rel") + 1
-    while arrived < K:
-        arrived = tl.atomic_add(SYNC + set_id, 0, sem="acquire")
-    tl.debug_barrier()
-
-
-@triton.jit
-def _chunk_count(kc, ks, CG, S, CB: tl.constexpr, SB: tl.constexpr):
+def _chunk_count(kc, ks, CG: tl.constexpr, S, CB: tl.constexpr, SB: tl.constexpr):
     """Valid elements per group in the tile at channel chunk ``kc`` and position chunk ``ks``."""
     return tl.minimum(CB, CG - kc * CB) * tl.minimum(SB, S - ks * SB)
 
 
 @triton.jit
-def _tile_index(vid, K, n_gblocks, n_schunks, G, CG, S,
+def _tile_index(vid, K, n_gblocks, n_schunks, G, CG: tl.constexpr, S,
                 GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, CL: tl.constexpr):
     """Where program ``vid`` works: its set, sample, chunk ids, tile channels/positions and mask."""
     set_id = vid // K
@@ -92,7 +86,9 @@ def _tile_index(vid, K, n_gblocks, n_schunks, G, CG, S,
     cc = kc * CB + tl.arange(0, CB)
     s = ks * SB + tl.arange(0, SB)
     c = g[:, None] * CG + cc[None, :]  # (GB, CB) channel index
-    cmask = (g[:, None] < G) & (cc[None, :] < CG)
+    cmask = tl.broadcast_to(g[:, None] < G, [GB, CB])
+    if CB > CG or CG % CB != 0:  # only then can a tile run past its group (masks this axis: no vector loads)
+        cmask = cmask & (cc[None, :] < CG)
     smask = s < S
     if CL:
         mask = smask[:, None, None] & cmask[None, :, :]
@@ -159,44 +155,91 @@ def _affine(W, B, c, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, GB: tl.con
 
 
 @triton.jit
-def _reduce_set(part, K, n_schunks, CG, S, eps,
+def _reduce_set(part, K, n_schunks, CG: tl.constexpr, S, eps,
                 GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, KB: tl.constexpr, FORWARD: tl.constexpr):
-    """Combine a set's K tile partials, in a fixed order, into two per-group values.
+    """Combine a set's K tile partials, in a fixed order and one pass, into two per-group values.
 
     ``part`` points at the set's partials, laid out (K, 2, GB). Forward: rows are (sum, sum of squared
-    deviations from the tile mean) and the result is (mean, rstd) by Chan's formula. Backward: rows
-    are (sum w*dy', sum w*dy'*xhat) and the result is their means over the group.
+    deviations from the tile mean); blocks of KB tiles merge by Chan's formula into (mean, rstd).
+    Backward: rows are (sum w*dy', sum w*dy'*xhat) and the result is their means over the group.
     """
     j = tl.arange(0, GB)
-    total = CG * 1.0 * S
-    acc0 = tl.zeros([GB], tl.float32)
-    for k0 in range(0, K, KB):
-        kk = k0 + tl.arange(0, KB)
-        row = part + kk[:, None] * (2 * GB) + j[None, :]
-        acc0 += tl.sum(tl.load(row, mask=kk[:, None] < K, other=0.0, cache_modifier=".cg"), axis=0)
-    mean0 = acc0 / total
-    acc1 = tl.zeros([GB], tl.float32)
+    count_acc = tl.full([], 0.0, tl.float32)
+    acc0 = tl.zeros([GB], tl.float32)  # forward: mean so far; backward: first sum
+    acc1 = tl.zeros([GB], tl.float32)  # forward: squared deviations so far; backward: second sum
     for k0 in range(0, K, KB):
         kk = k0 + tl.arange(0, KB)
         kmask = kk[:, None] < K
         row = part + kk[:, None] * (2 * GB) + j[None, :]
+        first = tl.load(row, mask=kmask, other=0.0, cache_modifier=".cg")
         second = tl.load(row + GB, mask=kmask, other=0.0, cache_modifier=".cg")
         if FORWARD:
-            first = tl.load(row, mask=kmask, other=0.0, cache_modifier=".cg")
-            count = _chunk_count(kk // n_schunks, kk % n_schunks, CG, S, CB, SB).to(tl.float32)
-            count = tl.where(kk < K, count, 1.0)[:, None]
-            shift = first / count - mean0[None, :]
-            second = tl.where(kmask, second + count * shift * shift, 0.0)
-        acc1 += tl.sum(second, axis=0)
+            count = tl.where(kk < K, _chunk_count(kk // n_schunks, kk % n_schunks, CG, S, CB, SB), 0).to(tl.float32)
+            block_count = tl.sum(count, axis=0)
+            block_mean = tl.sum(first, axis=0) / block_count
+            shift = first / tl.maximum(count, 1.0)[:, None] - block_mean[None, :]
+            block_m2 = tl.sum(second + count[:, None] * shift * shift, axis=0)
+            total = count_acc + block_count
+            delta = block_mean - acc0
+            acc0 += delta * (block_count / total)
+            acc1 += block_m2 + delta * delta * (count_acc * block_count / total)
+            count_acc = total
+        else:
+            acc0 += tl.sum(first, axis=0)
+            acc1 += tl.sum(second, axis=0)
     if FORWARD:
-        out1 = 1.0 / tl.sqrt(acc1 / total + eps)
+        out0 = acc0
+        out1 = 1.0 / tl.sqrt(acc1 / count_acc + eps)
     else:
-        out1 = acc1 / total
-    return mean0, out1
+        out0 = acc0 / (CG * 1.0 * S)
+        out1 = acc1 / (CG * 1.0 * S)
+    return out0, out1
 
 
 @triton.jit
-def _combine_kernel(PART, OUT0, OUT1, K, n_gblocks, n_schunks, G, CG, S, eps,
+def _set_values(part, OUT0, OUT1, SYNC, set_id, num_sets, k, K, g, G, n_schunks, CG: tl.constexpr, S, eps,
+                GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, KB: tl.constexpr,
+                FORWARD: tl.constexpr, WAIT: tl.constexpr, LAST: tl.constexpr):
+    """A set's two per-group values, also stored at ``OUT0/OUT1 + g``.
+
+    Fused launch (WAIT): every program has written its partials; with LAST the program that arrives
+    last combines them and raises the set's flag while the others wait for it, else all wait for the
+    count to reach K and combine them alike. Three-launch path: read what the combine launch stored.
+    """
+    gmask = g < G
+    if WAIT:
+        tl.debug_barrier()  # every thread's partial stores are issued before the release below
+        arrived = tl.atomic_add(SYNC + set_id, 1, sem="acq_rel") + 1
+        if LAST:
+            if arrived == K:
+                v0, v1 = _reduce_set(part, K, n_schunks, CG, S, eps, GB, CB, SB, KB, FORWARD)
+                tl.store(OUT0 + g, v0, mask=gmask)
+                tl.store(OUT1 + g, v1, mask=gmask)
+                tl.debug_barrier()
+                tl.atomic_xchg(SYNC + num_sets + set_id, 1, sem="release")
+            else:
+                ready = tl.atomic_add(SYNC + num_sets + set_id, 0, sem="acquire")
+                while ready == 0:
+                    ready = tl.atomic_add(SYNC + num_sets + set_id, 0, sem="acquire")
+                tl.debug_barrier()
+                v0 = tl.load(OUT0 + g, mask=gmask, other=0.0, cache_modifier=".cg")
+                v1 = tl.load(OUT1 + g, mask=gmask, other=0.0, cache_modifier=".cg")
+        else:
+            while arrived < K:
+                arrived = tl.atomic_add(SYNC + set_id, 0, sem="acquire")
+            tl.debug_barrier()
+            v0, v1 = _reduce_set(part, K, n_schunks, CG, S, eps, GB, CB, SB, KB, FORWARD)
+            if k == 0:
+                tl.store(OUT0 + g, v0, mask=gmask)
+                tl.store(OUT1 + g, v1, mask=gmask)
+    else:
+        v0 = tl.load(OUT0 + g, mask=gmask, other=0.0)
+        v1 = tl.load(OUT1 + g, mask=gmask, other=0.0)
+    return v0, v1
+
+
+@triton.jit
+def _combine_kernel(PART, OUT0, OUT1, K, n_gblocks, n_schunks, G, S, eps, CG: tl.constexpr,
                     GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, KB: tl.constexpr,
                     FORWARD: tl.constexpr):
     """Three-launch path, middle launch: one program per set writes its groups' two values."""
@@ -216,11 +259,11 @@ def _combine_kernel(PART, OUT0, OUT1, K, n_gblocks, n_schunks, G, CG, S, eps,
 @triton.jit
 def _forward_kernel(
     X, Y, W, B, MEAN, RSTD, PART, SYNC,
-    G, CG, S, n_gblocks, n_schunks, K, num_sets,
+    G, S, n_gblocks, n_schunks, K, num_sets,
     sxn, sxc, sxs, syn, syc, sys_, eps,
-    GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, KB: tl.constexpr, CL: tl.constexpr,
+    CG: tl.constexpr, GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, KB: tl.constexpr, CL: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
-    STATS: tl.constexpr, APPLY: tl.constexpr, WAIT: tl.constexpr,
+    STATS: tl.constexpr, APPLY: tl.constexpr, WAIT: tl.constexpr, LAST: tl.constexpr,
 ):
     vid = _program_id(SYNC, num_sets, WAIT)
     set_id, k, n, g, kc, ks, c, cmask, s, mask = _tile_index(vid, K, n_gblocks, n_schunks, G, CG, S, GB, CB, SB, CL)
@@ -230,20 +273,20 @@ def _forward_kernel(
         count = _chunk_count(kc, ks, CG, S, CB, SB).to(tl.float32)
         tile_sum = tl.sum(_channel_sum(x, CL), axis=1)
         dev = tl.where(mask, x - _per_group(tile_sum / count, CL), 0.0)
-        j = tl.arange(0, GB)
-        tl.store(part + k * 2 * GB + j, tile_sum)
-        tl.store(part + k * 2 * GB + GB + j, tl.sum(_channel_sum(dev * dev, CL), axis=1))
-    if WAIT:
-        _arrive_and_wait(SYNC, set_id, K)
+        tile_m2 = tl.sum(_channel_sum(dev * dev, CL), axis=1)
+        if WAIT or not APPLY:  # other programs (or the combine launch) need this tile's partials
+            j = tl.arange(0, GB)
+            tl.store(part + k * 2 * GB + j, tile_sum)
+            tl.store(part + k * 2 * GB + GB + j, tile_m2)
     if APPLY:
-        if STATS:
-            mean, rstd = _reduce_set(part, K, n_schunks, CG, S, eps, GB, CB, SB, KB, True)
-            if k == 0:  # one program per set saves the statistics for backward
-                tl.store(MEAN + n * G + g, mean, mask=g < G)
-                tl.store(RSTD + n * G + g, rstd, mask=g < G)
+        if STATS and not WAIT:  # the set is this one program: statistics straight from registers
+            mean = tile_sum / count
+            rstd = 1.0 / tl.sqrt(tile_m2 / count + eps)
+            tl.store(MEAN + n * G + g, mean, mask=g < G)
+            tl.store(RSTD + n * G + g, rstd, mask=g < G)
         else:
-            mean = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
-            rstd = tl.load(RSTD + n * G + g, mask=g < G, other=0.0)
+            mean, rstd = _set_values(part, MEAN + n * G, RSTD + n * G, SYNC, set_id, num_sets, k, K, g, G,
+                                     n_schunks, CG, S, eps, GB, CB, SB, KB, True, WAIT, LAST)
         w, b = _affine(W, B, c, cmask, HAS_W, HAS_B, GB, CB)
         z = (x - _per_group(mean, CL)) * _per_group(rstd, CL) * _per_channel(w, CL) + _per_channel(b, CL)
         if SILU:
@@ -259,11 +302,11 @@ def _forward_kernel(
 @triton.jit
 def _backward_kernel(
     X, DY, DX, W, B, MEAN, RSTD, GRAD0, GRAD1, PART, CSUM_DY, CSUM_DY_XHAT, SYNC,
-    C, G, CG, S, n_gblocks, n_schunks, K, num_sets,
+    C, G, S, n_gblocks, n_schunks, K, num_sets,
     sxn, sxc, sxs, sdn, sdc, sds, sgn, sgc, sgs,
-    GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, KB: tl.constexpr, CL: tl.constexpr,
+    CG: tl.constexpr, GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, KB: tl.constexpr, CL: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, PARAM_GRADS: tl.constexpr,
-    STATS: tl.constexpr, APPLY: tl.constexpr, WAIT: tl.constexpr,
+    STATS: tl.constexpr, APPLY: tl.constexpr, WAIT: tl.constexpr, LAST: tl.constexpr,
 ):
     vid = _program_id(SYNC, num_sets, WAIT)
     set_id, k, n, g, kc, ks, c, cmask, s, mask = _tile_index(vid, K, n_gblocks, n_schunks, G, CG, S, GB, CB, SB, CL)
@@ -286,17 +329,19 @@ def _backward_kernel(
             crow = (n * n_schunks + ks).to(tl.int64) * C + c
             tl.store(CSUM_DY + crow, sum_dy, mask=cmask)
             tl.store(CSUM_DY_XHAT + crow, sum_dy_xhat, mask=cmask)
-        j = tl.arange(0, GB)
-        tl.store(part + k * 2 * GB + j, tl.sum(w * sum_dy, axis=1))
-        tl.store(part + k * 2 * GB + GB + j, tl.sum(w * sum_dy_xhat, axis=1))
-    if WAIT:
-        _arrive_and_wait(SYNC, set_id, K)
+        group_dy = tl.sum(w * sum_dy, axis=1)
+        group_dy_xhat = tl.sum(w * sum_dy_xhat, axis=1)
+        if WAIT or not APPLY:  # other programs (or the combine launch) need this tile's partials
+            j = tl.arange(0, GB)
+            tl.store(part + k * 2 * GB + j, group_dy)
+            tl.store(part + k * 2 * GB + GB + j, group_dy_xhat)
     if APPLY:
-        if STATS:
-            mean_g, mean_gx = _reduce_set(part, K, n_schunks, CG, S, 0.0, GB, CB, SB, KB, False)
+        if STATS and not WAIT:  # the set is this one program
+            mean_g = group_dy / (CG * 1.0 * S)
+            mean_gx = group_dy_xhat / (CG * 1.0 * S)
         else:
-            mean_g = tl.load(GRAD0 + n * G + g, mask=g < G, other=0.0)
-            mean_gx = tl.load(GRAD1 + n * G + g, mask=g < G, other=0.0)
+            mean_g, mean_gx = _set_values(part, GRAD0 + n * G, GRAD1 + n * G, SYNC, set_id, num_sets, k, K, g, G,
+                                          n_schunks, CG, S, 0.0, GB, CB, SB, KB, False, WAIT, LAST)
         dx = (dy * _per_channel(w, CL) - _per_group(mean_g, CL) - xhat * _per_group(mean_gx, CL)) * _per_group(rstd, CL)
         tl.store(DX + _offsets(n, c, s, sgn, sgc, sgs, CL), dx.to(DX.dtype.element_ty), mask=mask)
 
@@ -320,7 +365,7 @@ def _pow2_at_most(limit: int) -> list[int]:
 
 @functools.lru_cache(maxsize=1024)
 def tile_shape(num_groups: int, group_channels: int, positions: int, channels_last: bool,
-               element_size: int, tile: int, max_per_set: int) -> TileShape:
+               element_size: int, tile: int, max_per_set: int, min_run_bytes: int = 64) -> TileShape:
     """The tile (``tile`` elements or fewer where possible) a program of the kernels works on.
 
     Preference order: at most ``max_per_set`` programs per set (so the fused launch can run), a
@@ -338,7 +383,7 @@ def tile_shape(num_groups: int, group_channels: int, positions: int, channels_la
     group_fits = cg_p2 * triton.next_power_of_2(positions) <= tile
     largest = 4 * tile
     contiguous_extent = num_groups * group_channels if channels_last else positions
-    min_run = min(64, contiguous_extent * element_size)
+    min_run = min(min_run_bytes, contiguous_extent * element_size)
     best, best_key = None, None
     for cb in _pow2_at_most(min(cg_p2, largest)):
         for sb in _pow2_at_most(min(triton.next_power_of_2(positions), largest // cb)):
@@ -398,21 +443,21 @@ def _plan(x: torch.Tensor, num_groups: int, tile: int) -> _Plan:
     channels_last = sxc < sxs and c > 1 and s > 1
     # the interpreter runs programs one at a time, so its programs can never wait at a barrier
     max_per_set = 0 if interpreting() else _max_fused_set(x.device.index or 0)
-    shape = tile_shape(num_groups, cg, s, channels_last, x.element_size(), tile, max_per_set or cg * s)
+    shape = tile_shape(num_groups, cg, s, channels_last, x.element_size(), tile, max_per_set or cg * s, MIN_RUN_BYTES)
     n_gblocks = triton.cdiv(num_groups, shape.groups)
     n_schunks = triton.cdiv(s, shape.positions)
     per_set = triton.cdiv(cg, shape.channels) * n_schunks
-    fused = per_set <= max_per_set
+    fused = per_set == 1 or per_set <= max_per_set  # a set of one program never waits
     elements = shape.groups * shape.channels * shape.positions
     num_warps = max(1, min(16, elements // (32 * ELEMENTS_PER_THREAD)))
     return _Plan(shape, n_gblocks, n_schunks, per_set, n * n_gblocks, fused, num_warps, channels_last)
 
 
 def _set_buffers(x: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partials (num_sets, K, 2, GB) and the barrier counters (one per set, then the ticket)."""
+    """Partials (num_sets, K, 2, GB) and the barrier words: a counter and a flag per set, the ticket."""
     part = torch.empty(plan.num_sets * plan.per_set * 2 * plan.shape.groups, device=x.device, dtype=torch.float32)
     if plan.fused and plan.per_set > 1:
-        sync = torch.zeros(plan.num_sets + 1, device=x.device, dtype=torch.int32)
+        sync = torch.zeros(2 * plan.num_sets + 1, device=x.device, dtype=torch.int32)
     else:  # no barrier: a placeholder pointer
         sync = torch.empty(1, device=x.device, dtype=torch.int32)
     return part, sync
@@ -429,7 +474,7 @@ def _combine(part: torch.Tensor, out0: torch.Tensor, out1: torch.Tensor, plan: _
              cg: int, s: int, eps: float, forward: bool) -> None:
     tile = plan.shape
     _combine_kernel[(plan.num_sets,)](
-        part, out0, out1, plan.per_set, plan.n_gblocks, plan.n_schunks, num_groups, cg, s, eps,
+        part, out0, out1, plan.per_set, plan.n_gblocks, plan.n_schunks, num_groups, s, eps, CG=cg,
         GB=tile.groups, CB=tile.channels, SB=tile.positions, KB=COMBINE_BLOCK, FORWARD=forward,
     )
 
@@ -468,11 +513,11 @@ def forward(
             _combine(part, mean, rstd, plan, num_groups, cg, s, eps, forward=True)
         _forward_kernel[(plan.num_sets * plan.per_set,)](
             x, y, weight if weight is not None else x, bias if bias is not None else x, mean, rstd, part, sync,
-            num_groups, cg, s, plan.n_gblocks, plan.n_schunks, plan.per_set, plan.num_sets,
+            num_groups, s, plan.n_gblocks, plan.n_schunks, plan.per_set, plan.num_sets,
             *_ncs_strides(x), *_ncs_strides(y), eps,
-            GB=t.groups, CB=t.channels, SB=t.positions, KB=_combine_block(plan), CL=plan.channels_last,
+            CG=cg, GB=t.groups, CB=t.channels, SB=t.positions, KB=_combine_block(plan), CL=plan.channels_last,
             HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
-            STATS=stats, APPLY=apply, WAIT=wait, num_warps=plan.num_warps,
+            STATS=stats, APPLY=apply, WAIT=wait, LAST=LAST_ARRIVER_COMBINES, num_warps=plan.num_warps,
         )
     return y, mean, rstd
 
@@ -503,7 +548,8 @@ def backward(
     param_grads = weight is not None or bias is not None
     # per-channel sums of dy' and dy'*xhat for each (sample, position chunk): (2, N, n_schunks, C)
     cpart = torch.empty((2, n, plan.n_schunks, c) if param_grads else (2, 1), device=x.device, dtype=torch.float32)
-    grads = torch.empty((2, n, num_groups), device=x.device, dtype=torch.float32)  # two-launch path only
+    # per-group means of w*dy' and w*dy'*xhat, where a set's programs exchange them through memory
+    grads = torch.empty((2, n, num_groups), device=x.device, dtype=torch.float32)
     t = plan.shape
     for launch, (stats, apply, wait) in enumerate(_phases(plan)):
         if launch == 1:
@@ -511,11 +557,11 @@ def backward(
         _backward_kernel[(plan.num_sets * plan.per_set,)](
             x, dy, dx, weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
             grads[0], grads[1], part, cpart[0], cpart[1], sync,
-            c, num_groups, cg, s, plan.n_gblocks, plan.n_schunks, plan.per_set, plan.num_sets,
+            c, num_groups, s, plan.n_gblocks, plan.n_schunks, plan.per_set, plan.num_sets,
             *_ncs_strides(x), *_ncs_strides(dy), *_ncs_strides(dx),
-            GB=t.groups, CB=t.channels, SB=t.positions, KB=_combine_block(plan), CL=plan.channels_last,
+            CG=cg, GB=t.groups, CB=t.channels, SB=t.positions, KB=_combine_block(plan), CL=plan.channels_last,
             HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, PARAM_GRADS=param_grads,
-            STATS=stats, APPLY=apply, WAIT=wait, num_warps=plan.num_warps,
+            STATS=stats, APPLY=apply, WAIT=wait, LAST=LAST_ARRIVER_COMBINES, num_warps=plan.num_warps,
         )
     if not param_grads:
         return dx, None, None

@@ -1,0 +1,276 @@
+"""GroupNorm on the GPU: slipstream's kernel against PyTorch eager, torch.compile and Liger-Kernel,
+plus a timm ``resnet50_gn`` training step with and without Low Precision GroupNorm.
+
+Run: ``PYTHONPATH=. python benchmarks/group_norm.py --out OUTDIR`` (writes ``group_norm.md``,
+``group_norm.json`` and ``group_norm.png`` there). ``--dtypes``, ``--impls`` and ``--no-model``
+run a part (each part measures its own copy bandwidth).
+
+Each timed call (forward, or forward + backward through ``torch.autograd.grad``) is captured in a
+CUDA graph and its replays are timed with ``do_bench`` (median, L2 flushed before each replay), so
+the numbers are GPU time, not Python launch overhead; every implementation is timed the same way.
+The forward pass is the training one (inputs require grad). Effective bandwidth counts
+2 x numel x element size forward and 5x forward + backward (see ``benchmarks/common.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import (
+    Table, command_line, copy_bandwidth_gbs, do_bench_median, environment_line, gbs, rel_error, write_section,
+)
+from slipstream.ops.group_norm import group_norm
+
+SHAPES = [((16, 256, 64, 64), 32), ((8, 512, 32, 32), 32), ((4, 128, 128, 128), 32), ((2, 320, 96, 96), 32),
+          ((32, 64, 56, 56), 8)]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+IMPLS = ["slipstream", "eager", "compile", "liger"]
+# Relative error allowed against float64 (outputs and dx), by dtype.
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float32: 1e-4}
+EPS = 1e-5
+
+Norm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _liger_function():
+    try:
+        from liger_kernel.ops.group_norm import LigerGroupNormFunction
+    except Exception as error:  # not installed, or fails to import on this stack
+        print(f"Liger-Kernel unavailable: {error!r}")
+        return None
+    return LigerGroupNormFunction
+
+
+def make_norms(num_groups: int, silu: bool, impls: list[str]) -> dict[str, Norm]:
+    """The implementations to compare, each ``(x, weight, bias) -> y``."""
+
+    def eager(x, w, b):
+        y = F.group_norm(x, num_groups, w, b, EPS)
+        return F.silu(y) if silu else y
+
+    norms: dict[str, Norm] = {}
+    if "slipstream" in impls:
+        norms["slipstream"] = lambda x, w, b: group_norm(x, num_groups, w, b, EPS, "silu" if silu else None)
+    if "eager" in impls:
+        norms["eager"] = eager
+    if "compile" in impls:
+        norms["compile"] = torch.compile(eager, dynamic=False)
+    liger = _liger_function() if "liger" in impls else None
+    if liger is not None:  # Liger has no fused activation: its norm, then PyTorch's SiLU
+
+        def liger_norm(x, w, b):
+            y = liger.apply(x, w, b, x.shape[1], num_groups, EPS)
+            return F.silu(y) if silu else y
+
+        norms["liger"] = liger_norm
+    return norms
+
+
+def graphed(step: Callable[[], object]) -> Callable[[], None]:
+    """``step`` captured in a CUDA graph (after warm-up on a side stream); returns the replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def check(norm: Norm, x, w, b, dy, silu: bool, num_groups: int) -> tuple[float, float]:
+    """Relative errors of ``y`` and ``dx`` against float64 autograd on the same inputs."""
+    y = norm(x, w, b)
+    dx = torch.autograd.grad(y, x, dy)[0]
+    x64 = x.detach().double().requires_grad_()
+    y64 = F.group_norm(x64, num_groups, w.detach().double(), b.detach().double(), EPS)
+    y64 = F.silu(y64) if silu else y64
+    dx64 = torch.autograd.grad(y64, x64, dy.double())[0]
+    return rel_error(y, y64), rel_error(dx, dx64)
+
+
+def bench_norms(dtypes: list[str], impls: list[str], copy_gbs: float) -> list[dict]:
+    results = []
+    for shape, num_groups in SHAPES:
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            for layout in ("contiguous", "channels_last"):
+                fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+                for silu in (False, True):
+                    torch.manual_seed(0)
+                    x = (torch.randn(shape, device="cuda") * 2 + 0.5).to(dtype).to(memory_format=fmt).requires_grad_()
+                    w = (torch.randn(shape[1], device="cuda") + 1).to(dtype).requires_grad_()
+                    b = torch.randn(shape[1], device="cuda").to(dtype).requires_grad_()
+                    dy = torch.randn_like(x)
+                    nbytes = x.numel() * x.element_size()
+                    for name, norm in make_norms(num_groups, silu, impls).items():
+                        row = dict(shape=list(shape), groups=num_groups, dtype=dtype_name, layout=layout,
+                                   silu=silu, impl=name)
+                        try:
+                            err_y, err_dx = check(norm, x, w, b, dy, silu, num_groups)
+                            fwd = graphed(lambda: norm(x, w, b))
+                            both = graphed(lambda: torch.autograd.grad(norm(x, w, b), (x, w, b), dy))
+                            ms_f, ms_fb = do_bench_median(fwd), do_bench_median(both)
+                        except Exception as error:  # a peer that cannot run this case
+                            print(f"{row}: {error!r}")
+                            continue
+                        row.update(err_y=err_y, err_dx=err_dx, ok=max(err_y, err_dx) < TOLERANCE[dtype],
+                                   fwd_ms=ms_f, fwd_bwd_ms=ms_fb, fwd_gbs=gbs(2 * nbytes, ms_f),
+                                   fwd_bwd_gbs=gbs(5 * nbytes, ms_fb))
+                        row["fwd_bwd_copy_frac"] = row["fwd_bwd_gbs"] / copy_gbs
+                        print(json.dumps(row), flush=True)
+                        results.append(row)
+    return results
+
+
+def norm_tables(results: list[dict], copy_gbs: float) -> str:
+    """One table per pass: effective GB/s of each implementation, slipstream's share of copy bandwidth."""
+    impls = [i for i in IMPLS if any(r["impl"] == i for r in results)]
+    cases = {}
+    for r in results:
+        cases.setdefault((tuple(r["shape"]), r["groups"], r["dtype"], r["layout"], r["silu"]), {})[r["impl"]] = r
+    text = []
+    for key, label in (("fwd_bwd", "forward + backward"), ("fwd", "forward")):
+        table = Table(["shape", "G", "dtype", "layout", "SiLU", *[f"{i} GB/s" for i in impls],
+                       "slipstream / copy", "x eager", "x best peer", "max rel err"])
+        for (shape, groups, dtype, layout, silu), by_impl in cases.items():
+            ours = by_impl.get("slipstream")
+            peers = [r[f"{key}_gbs"] for i, r in by_impl.items() if i != "slipstream"]
+            eager = by_impl.get("eager")
+            table.add(
+                "x".join(map(str, shape)), groups, dtype, layout, "yes" if silu else "no",
+                *[by_impl[i][f"{key}_gbs"] if i in by_impl else "n/a" for i in impls],
+                f"{ours[f'{key}_gbs'] / copy_gbs:.0%}" if ours else "n/a",
+                ours[f"{key}_gbs"] / eager[f"{key}_gbs"] if ours and eager else "n/a",
+                ours[f"{key}_gbs"] / max(peers) if ours and peers else "n/a",
+                f"{max(ours['err_y'], ours['err_dx']):.1e}" + ("" if ours["ok"] else " FAIL") if ours else "n/a",
+            )
+        text.append(f"### {label}\n\n{table.markdown()}")
+    return "\n\n".join(text)
+
+
+def plot(results: list[dict], copy_gbs: float, path: str) -> None:
+    """Forward + backward effective bandwidth as a fraction of copy bandwidth, one panel per dtype."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in results)]
+    impls = [i for i in IMPLS if any(r["impl"] == i for r in results)]
+    fig, axes = plt.subplots(len(dtypes), 1, figsize=(14, 4.5 * len(dtypes)), squeeze=False)
+    for ax, dtype in zip(axes[:, 0], dtypes):
+        rows = [r for r in results if r["dtype"] == dtype and not r["silu"]]
+        labels = list(dict.fromkeys(f"{'x'.join(map(str, r['shape']))}\nG={r['groups']} {r['layout']}" for r in rows))
+        width = 0.8 / len(impls)
+        for k, impl in enumerate(impls):
+            values = {f"{'x'.join(map(str, r['shape']))}\nG={r['groups']} {r['layout']}": r["fwd_bwd_copy_frac"]
+                      for r in rows if r["impl"] == impl}
+            ax.bar([i + k * width for i in range(len(labels))], [values.get(lbl, 0) for lbl in labels], width,
+                   label=impl)
+        ax.axhline(0.7, color="gray", linestyle="--", linewidth=1, label="70% of copy")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, fontsize=7)
+        ax.set_ylabel("fraction of copy bandwidth")
+        ax.set_title(f"GroupNorm forward + backward, {dtype}, no activation (copy {copy_gbs:.0f} GB/s)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def resnet50_gn_step(batch: int = 64, steps: int = 20) -> str:
+    """timm resnet50_gn training step (bf16 autocast, channels_last, AdamW): eager vs LP GroupNorm."""
+    import timm
+    from torch import nn
+
+    import slipstream.functional as sf
+    from slipstream.nn import LPGroupNorm
+
+    torch.manual_seed(0)
+    base = timm.create_model("resnet50_gn", num_classes=1000).cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
+    target = torch.randint(0, 1000, (batch,), device="cuda")
+    table = Table(["model", "GroupNorms swapped", "step ms (median)", "speed-up", "peak memory GiB",
+                   "logits rel. diff vs eager"])
+    eager_ms, eager_logits = None, None
+    for variant in ("eager", "LP GroupNorm"):
+        model = copy.deepcopy(base)
+        swapped = "-"
+        if variant != "eager":
+            total = sum(isinstance(m, nn.GroupNorm) for m in model.modules())
+            replaced = sf.apply_low_precision_groupnorm(model, precision="amp_bf16")
+            left = sum(isinstance(m, nn.GroupNorm) and not isinstance(m, LPGroupNorm) for m in model.modules())
+            swapped = f"{len(replaced)} of {total}" + ("" if left == 0 else f" ({left} left)")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(x).float()
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x), target)
+            loss.backward()
+            optimizer.step()
+
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        ms = sorted(times)[len(times) // 2]
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        if eager_ms is None:
+            eager_ms, eager_logits = ms, logits
+        table.add(f"resnet50_gn b{batch} {variant}", swapped, ms, eager_ms / ms, peak, rel_error(logits, eager_logits))
+        print(table.rows[-1], flush=True)
+        del model, optimizer
+        torch.cuda.empty_cache()
+    return table.markdown()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="folder for group_norm.md/.json/.png")
+    parser.add_argument("--dtypes", default="bf16,fp32", help="comma list of " + ",".join(DTYPES))
+    parser.add_argument("--impls", default=",".join(IMPLS), help="comma list of " + ",".join(IMPLS))
+    parser.add_argument("--no-norms", action="store_true", help="skip the norm table")
+    parser.add_argument("--no-model", action="store_true", help="skip the resnet50_gn step")
+    args = parser.parse_args(argv)
+    torch._dynamo.config.cache_size_limit = 256  # one static compile per case
+    copy_gbs = copy_bandwidth_gbs()
+    print(f"copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
+    body = [f"Copy bandwidth (read + write) measured in this run: {copy_gbs:.0f} GB/s."]
+    results = []
+    if not args.no_norms:
+        results = bench_norms(args.dtypes.split(","), args.impls.split(","), copy_gbs)
+        body.append(norm_tables(results, copy_gbs))
+    if not args.no_model:
+        body.append("### timm resnet50_gn training step (bf16 autocast, channels_last, AdamW)\n\n" + resnet50_gn_step())
+    out_md = None
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        out_md = os.path.join(args.out, "group_norm.md")
+        with open(os.path.join(args.out, "group_norm.json"), "w") as f:
+            json.dump(dict(copy_gbs=copy_gbs, results=results), f)
+        if results:
+            plot(results, copy_gbs, os.path.join(args.out, "group_norm.png"))
+    write_section(out_md, "GroupNorm", environment_line(command_line()), "\n\n".join(body))
+
+
+if __name__ == "__main__":
+    main()
