@@ -261,3 +261,19 @@ def test_console_and_json_lines_loggers_and_progress_bar(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "[batch 6] metrics/eval/accuracy=" in out and "[config]" in out
     assert "epoch 2" in err and "3/3" in err  # the tqdm bar, on stderr
+
+
+def test_a_real_hugging_face_model_with_a_low_precision_method():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    model = transformers.BertForSequenceClassification(config)
+    tokens = torch.randint(1, 50, (40, 8))
+    samples = [{"input_ids": t, "attention_mask": torch.ones(8, dtype=torch.long), "labels": t[0] % 3} for t in tokens]
+    data = DataLoader(samples, batch_size=8, shuffle=True)
+    trainer = quiet_trainer(model=model, train_dataloader=data, eval_dataloader=data, max_duration="2ep",
+                            precision="amp_bf16", algorithms=[LowPrecisionLayerNorm()])
+    trainer.fit()
+    assert any(isinstance(m, LPLayerNorm) for m in model.modules())
+    assert set(trainer.state.eval_metrics) == {"loss", "accuracy"}
+    assert all(torch.isfinite(torch.tensor(v)) for v in trainer.state.eval_metrics.values())

@@ -53,8 +53,11 @@ class MetricSums:
         self.totals: dict[str, torch.Tensor] = {}
 
     def add(self, name: str, total: torch.Tensor, count: torch.Tensor) -> None:
-        """Add one batch's sum and count for ``name`` (kept on the device: no synchronization)."""
-        pair = torch.stack([torch.as_tensor(total).double(), torch.as_tensor(count).double()]).to(self.device)
+        """Add one batch's sum and count for ``name`` (kept on the device: no synchronization).
+
+        Either may be a number or a tensor on any device (a count is often a CPU tensor).
+        """
+        pair = torch.stack([torch.as_tensor(value, device=self.device).double() for value in (total, count)])
         if name in self.totals:
             self.totals[name] += pair
         else:
