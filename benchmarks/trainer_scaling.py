@@ -47,7 +47,7 @@ def run_example(processes: int, hidden: int, batch: int, epochs: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="markdown file to write (a .json with raw results beside it)")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=20)
     args = parser.parse_args()
 
     gpus = torch.cuda.device_count()

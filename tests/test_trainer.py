@@ -153,7 +153,8 @@ def test_a_model_without_a_loss_is_an_error():
     trainer = quiet_trainer(model=DictModel(with_loss=False), train_dataloader=dict_loader(), max_duration="1ep")
     with pytest.raises(ValueError, match="without a 'loss'.*SlipstreamModel"):
         trainer.fit()
-    triples = DataLoader(TensorDataset(torch.randn(8, 8), torch.zeros(8, dtype=torch.long), torch.ones(8)), batch_size=4)
+    triples = DataLoader(TensorDataset(torch.randn(8, 8), torch.zeros(8, dtype=torch.long), torch.ones(8)),
+                         batch_size=4)
     with pytest.raises(ValueError, match="got a list of length 3"):
         quiet_trainer(model=mlp(), train_dataloader=triples, max_duration="1ep").fit()
     with pytest.raises(ValueError, match="scalar"):
@@ -251,7 +252,8 @@ def test_console_and_json_lines_loggers_and_progress_bar(tmp_path, capsys):
     path = tmp_path / "logs" / "run.jsonl"
     data = classification_data(samples=40)
     trainer = slipstream.Trainer(model=mlp(), train_dataloader=loader(data), eval_dataloader=loader(data),
-                                 max_duration="2ep", log_interval="1ba", loggers=[ConsoleLogger(), JSONLinesLogger(path)])
+                                 max_duration="2ep", log_interval="1ba",
+                                 loggers=[ConsoleLogger(), JSONLinesLogger(path)])
     trainer.fit()
     trainer.close()
     records = [json.loads(line) for line in path.read_text().splitlines()]

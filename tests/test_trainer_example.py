@@ -25,7 +25,8 @@ def test_train_digits_example(tmp_path, capsys, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert json.loads((tmp_path / "results.json").read_text())["runs"] == runs
-    assert list(runs) == ["plain", "FusedLayerNorm", "FusedLayerNorm + LowMemoryDropout", "FusedLayerNorm + GyroDropout"]
+    assert list(runs) == ["plain", "FusedLayerNorm", "FusedLayerNorm + LowMemoryDropout",
+                          "FusedLayerNorm + GyroDropout"]
     assert all(run["accuracy"] > 0.5 for run in runs.values())
     assert runs["FusedLayerNorm + GyroDropout"]["changed"] == (
         "LayerNorm x2, Dropout x2 -> FusedLayerNorm x2, GyroDropout x2")

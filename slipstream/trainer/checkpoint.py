@@ -99,11 +99,10 @@ def _check_model_fits(model: nn.Module, saved: dict[str, torch.Tensor], saved_cl
     own = model.state_dict()
     missing = sorted(set(own) - set(saved))
     unexpected = sorted(set(saved) - set(own))
-    mismatched = sorted(
-        f"{key}: {tuple(saved[key].shape)} in the checkpoint, {tuple(own[key].shape)} here"
-        for key in set(own) & set(saved)
-        if isinstance(own[key], torch.Tensor) and isinstance(saved[key], torch.Tensor) and own[key].shape != saved[key].shape
-    )
+    shared_tensors = [key for key in set(own) & set(saved)
+                      if isinstance(own[key], torch.Tensor) and isinstance(saved[key], torch.Tensor)]
+    mismatched = sorted(f"{key}: {tuple(saved[key].shape)} in the checkpoint, {tuple(own[key].shape)} here"
+                        for key in shared_tensors if own[key].shape != saved[key].shape)
     if missing or unexpected or mismatched:
         problems = [f"{label} {items[:5]}{' ...' if len(items) > 5 else ''}" for label, items in
                     (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))

@@ -86,7 +86,8 @@ def _checked_len(loader: Any, argument: str) -> int:
     try:
         length = len(loader)
     except TypeError as error:
-        raise TypeError(f"{argument} must have a length (len() of the dataloader), got {type(loader).__name__}") from error
+        raise TypeError(f"{argument} must have a length (len() of the dataloader), "
+                        f"got {type(loader).__name__}") from error
     if length == 0:
         raise ValueError(f"{argument} has length 0 (no batches): its dataset is empty or smaller than one "
                          "batch with drop_last=True")

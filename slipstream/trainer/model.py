@@ -152,7 +152,8 @@ def adapter_for(model: nn.Module, loss_fn: Optional[LossFunction] = None) -> Mod
         raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {type(loss_fn).__name__}")
     if isinstance(model, SlipstreamModel):
         if type(model).loss is SlipstreamModel.loss:
-            raise TypeError(f"{type(model).__name__} subclasses SlipstreamModel but does not define loss(outputs, batch)")
+            raise TypeError(f"{type(model).__name__} subclasses SlipstreamModel but does not define "
+                            "loss(outputs, batch)")
         if loss_fn is not None:
             raise ValueError("loss_fn is for plain nn.Modules; a SlipstreamModel computes its own loss(outputs, batch)")
         return _SlipstreamModelAdapter()

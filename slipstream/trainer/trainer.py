@@ -154,7 +154,8 @@ class Trainer:
         self.scaler = grad_scaler(precision, self.device)
         check_same_on_all_ranks({
             "dataloader_len": self.state.dataloader_len, "max_duration": str(self.max_duration),
-            "precision": precision, "algorithms": [type(a).__name__ for a in self.engine.algorithms],
+            "precision": precision, "seed": data_seed,
+            "algorithms": [type(a).__name__ for a in self.engine.algorithms],
             "model parameter count": sum(p.numel() for p in self.state.model.parameters()),
         })
         self._resumed_rng: Optional[dict] = None
@@ -320,7 +321,8 @@ class Trainer:
             self._resumed_rng = checkpoint["rng"][self.dist.rank]
         else:
             warnings.warn(f"the checkpoint was saved by {len(checkpoint['rng'])} processes, this run has "
-                          f"{self.dist.world_size}: random streams continue from this run's seeding, not the checkpoint")
+                          f"{self.dist.world_size}: random streams continue from this run's seeding, "
+                          "not the checkpoint's")
 
     # ---- misc -----------------------------------------------------------------------------------
 
