@@ -14,13 +14,13 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from slipstream.nn import FusedLayerNorm, LPGroupNorm, LPLayerNorm
+from slipstream.nn import FusedGroupNorm, FusedLayerNorm, LPGroupNorm, LPLayerNorm, fuse_silu_into_group_norms
 from slipstream.nn.dropout import SeededDropout
 from slipstream.nn.gyro_dropout import GyroDropout, check_gyro_arguments
 from slipstream.precision import autocast_dtype
 from slipstream.surgery import NoEffectWarning, replace_module_classes
 
-__all__ = ["apply_fused_layernorm", "apply_low_precision_layernorm", "apply_low_precision_groupnorm", "apply_gyro_dropout", "apply_low_memory_dropout"]
+__all__ = ["apply_fused_layernorm", "apply_low_precision_layernorm", "apply_low_precision_groupnorm", "apply_gyro_dropout", "apply_low_memory_dropout", "apply_fused_groupnorm"]
 
 Optimizers = Optional[Union[torch.optim.Optimizer, Iterable[torch.optim.Optimizer]]]
 
@@ -202,3 +202,33 @@ def apply_low_memory_dropout(model: nn.Module, seed: Optional[int] = None) -> di
         return SeededDropout.from_module(module, seed=next(seeds))
 
     return _replace_all(model, nn.Dropout, build, None, "apply_low_memory_dropout")
+
+
+def apply_fused_groupnorm(
+    model: nn.Module, fuse_silu: bool = True, optimizers: Optimizers = None
+) -> dict[nn.Module, nn.Module]:
+    """Replace ``nn.GroupNorm`` modules with :class:`~slipstream.nn.FusedGroupNorm`.
+
+    The replaced norms run slipstream's Triton GroupNorm on CUDA (one launch forward, fp32 math,
+    contiguous and channels_last inputs in place; under autocast they write the autocast dtype) and
+    its pure-PyTorch fallback elsewhere. With ``fuse_silu``, an ``nn.SiLU`` directly after a replaced
+    norm in an ``nn.Sequential`` is folded into the norm's kernels (see
+    :func:`~slipstream.nn.fuse_silu_into_group_norms`) and its place holds an ``nn.Identity``.
+
+    Args:
+        model: model to modify in place.
+        fuse_silu: fold a following ``nn.SiLU`` into the norm where that is safe.
+        optimizers: optimizers built before surgery (they keep working: Parameters are adopted).
+
+    Returns:
+        ``{old_module: new_module}`` for each replaced norm and each SiLU folded into one.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.SiLU())
+        >>> len(apply_fused_groupnorm(model)), model[1].activation
+        (2, 'silu')
+    """
+    replaced = _replace_all(model, nn.GroupNorm, FusedGroupNorm.from_module, optimizers, "apply_fused_groupnorm")
+    if fuse_silu:
+        replaced.update(fuse_silu_into_group_norms(replaced.get(model, model)))
+    return replaced

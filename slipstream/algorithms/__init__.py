@@ -1,6 +1,7 @@
 """Algorithm classes for the slipstream Trainer, one per method."""
 
 from slipstream.algorithms.base import Algorithm, Event, State, SurgeryAlgorithm
+from slipstream.algorithms.fused_groupnorm import FusedGroupNorm
 from slipstream.algorithms.fused_layernorm import FusedLayerNorm
 from slipstream.algorithms.gyro_dropout import GyroDropout
 from slipstream.algorithms.low_memory_dropout import LowMemoryDropout
@@ -13,6 +14,7 @@ __all__ = [
     "State",
     "SurgeryAlgorithm",
     "FusedLayerNorm",
+    "FusedGroupNorm",
     "LowPrecisionLayerNorm",
     "LowPrecisionGroupNorm",
     "GyroDropout",

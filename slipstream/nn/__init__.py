@@ -1,8 +1,9 @@
 """Drop-in modules that slipstream's surgery swaps into models."""
 
 from slipstream.nn.dropout import SeededDropout
-from slipstream.nn.group_norm import LPGroupNorm
+from slipstream.nn.group_norm import FusedGroupNorm, LPGroupNorm, fuse_silu_into_group_norms
 from slipstream.nn.gyro_dropout import GyroDropout
 from slipstream.nn.layer_norm import FusedLayerNorm, LPLayerNorm
 
-__all__ = ["FusedLayerNorm", "LPLayerNorm", "LPGroupNorm", "GyroDropout", "SeededDropout"]
+__all__ = ["FusedLayerNorm", "LPLayerNorm", "LPGroupNorm", "GyroDropout", "SeededDropout", "FusedGroupNorm",
+           "fuse_silu_into_group_norms"]

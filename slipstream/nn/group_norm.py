@@ -12,7 +12,7 @@ from slipstream.nn._autocast import active_autocast_dtype, cast_optional
 from slipstream.ops._backend import triton_available
 from slipstream.ops.group_norm import ACTIVATIONS, group_norm
 
-__all__ = ["LPGroupNorm", "FusedGroupNorm"]
+__all__ = ["LPGroupNorm", "FusedGroupNorm", "fuse_silu_into_group_norms"]
 
 
 def _group_norm_config(module: nn.GroupNorm) -> dict:
@@ -101,3 +101,43 @@ class FusedGroupNorm(nn.GroupNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.activation is None else f", activation={self.activation!r}")
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(getattr(module, name, None) for name in (
+        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+
+
+def fuse_silu_into_group_norms(model: nn.Module) -> dict[nn.Module, nn.Module]:
+    """Fold each ``nn.SiLU`` that directly follows a :class:`FusedGroupNorm` in an ``nn.Sequential``.
+
+    The norm takes ``activation='silu'`` and the SiLU's place holds an ``nn.Identity``: same math,
+    one kernel instead of two. A pair is left alone when the Sequential overrides ``forward`` (the
+    order of calls is then unknown), when the norm is used in several places, when the norm already
+    has an activation, or when either module has hooks (they would see other tensors).
+
+    Returns:
+        ``{silu: identity}`` for each SiLU folded away.
+
+    Example:
+        >>> model = nn.Sequential(FusedGroupNorm(2, 4), nn.SiLU())
+        >>> len(fuse_silu_into_group_norms(model)), model[0].activation, type(model[1]).__name__
+        (1, 'silu', 'Identity')
+    """
+    uses: dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        uses[id(module)] = uses.get(id(module), 0) + 1
+    folded: dict[nn.Module, nn.Module] = {}
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
+            continue
+        names = list(seq._modules)
+        for first, second in zip(names, names[1:]):
+            norm, act = seq._modules[first], seq._modules[second]
+            if (isinstance(norm, FusedGroupNorm) and norm.activation is None and type(act) is nn.SiLU
+                    and uses[id(norm)] == 1 and not _has_hooks(norm) and not _has_hooks(act)):
+                norm.activation = "silu"
+                identity = nn.Identity().train(act.training)
+                seq._modules[second] = identity
+                folded[act] = identity
+    return folded
