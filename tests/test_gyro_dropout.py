@@ -1,5 +1,7 @@
 import copy
+import datetime
 import os
+import time
 import warnings
 
 import pytest
@@ -329,7 +331,8 @@ def test_compile_has_no_graph_break_and_matches_eager():
 def _ddp_rank(rank, world_size, init_file):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
     torch.manual_seed(rank)  # ranks differ in everything but the Gyro seed
     model = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.5), nn.Linear(16, 2))
     sf.apply_gyro_dropout(model, sigma=8, tau=2, iters_per_epoch=2, max_epoch=2)  # iter_num 2
@@ -343,6 +346,8 @@ def _ddp_rank(rank, world_size, init_file):
         everyone = [None] * world_size
         dist.all_gather_object(everyone, mine)
         assert all(other == everyone[0] for other in everyone), "ranks disagree on Gyro masks or active set"
+    del ddp, opt  # release DDP's reducer while the process group is alive, else its teardown can hang
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -355,4 +360,10 @@ def test_ddp_ranks_share_masks_and_active_sets(tmp_path):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mp.spawn(_ddp_rank, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+        ranks = mp.spawn(_ddp_rank, args=(2, str(tmp_path / "init")), nprocs=2, join=False)
+        deadline = time.monotonic() + 150
+        while not ranks.join(timeout=5):  # raises if a rank failed
+            if time.monotonic() > deadline:
+                for process in ranks.processes:
+                    process.kill()
+                pytest.fail("the DDP ranks did not finish within 150 s")

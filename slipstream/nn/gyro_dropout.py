@@ -10,9 +10,11 @@ samples: ``iter_num = floor(total_steps / sigma) * tau`` (at least 1), with
 
 State. Every random draw (the masks, then the schedule of active sets) happens once, on the first
 training forward (the feature width is unknown before), from a generator seeded with ``seed``.
-The masks, the schedule, the step counter and the seed live in ``state_dict``, so a run resumed
-from a checkpoint uses exactly the masks an uninterrupted run would have used. A run longer than
-planned repeats the schedule from its start.
+The masks, the schedule, the step counter and the seed live in ``state_dict`` (as the module's
+extra state, whose shapes need not match before the masks exist), so a run resumed from a
+checkpoint uses exactly the masks an uninterrupted run would have used. A run longer than planned
+repeats the schedule from its start. Masks and schedule stay on the CPU; only the active set's
+``(tau, features)`` scales live on the input's device.
 """
 
 from __future__ import annotations
@@ -25,9 +27,6 @@ import torch
 from torch import nn
 
 __all__ = ["GyroDropout", "check_gyro_arguments"]
-
-_STATE_KEYS = ("masks", "schedule", "_extra_state")
-
 
 def _check_positive_int(value: object, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -88,6 +87,10 @@ def _permutation_walk(sigma: int, tau: int, n_sets: int, generator: torch.Genera
         cursor = tau - len(leftovers)
         rows.append(leftovers + order[:cursor])
     return torch.tensor(rows, dtype=torch.long)
+
+
+def _cpu_copy(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if tensor is None else tensor.detach().to("cpu", copy=True)
 
 
 def _scale_equal_groups(x: torch.Tensor, scales: torch.Tensor, size: int) -> torch.Tensor:
@@ -177,10 +180,10 @@ class GyroDropout(nn.Module):
         self.seed = seed
         self.advance_on_forward = bool(advance_on_forward)
         self.step = 0
-        # Placeholders until the first training forward knows the feature width.
-        self.register_buffer("masks", torch.empty(0, dtype=torch.bool))
-        self.register_buffer("schedule", torch.empty(0, dtype=torch.long))
-        # The active set's scales in the input's dtype: rebuilt only when the set changes.
+        # (sigma, features) bool and (sets, tau) indices; None until the first training forward.
+        self.masks: Optional[torch.Tensor] = None
+        self.schedule: Optional[torch.Tensor] = None
+        # The active set's scales in the input's dtype and device: rebuilt only when the set changes.
         self.register_buffer("_scales", torch.empty(0), persistent=False)
 
     @classmethod
@@ -218,7 +221,7 @@ class GyroDropout(nn.Module):
     @property
     def materialized(self) -> bool:
         """Whether the masks and schedule exist yet (after the first training forward or a load)."""
-        return self.masks.dim() == 2
+        return self.masks is not None
 
     @property
     def active_indices(self) -> list[int]:
@@ -264,36 +267,32 @@ class GyroDropout(nn.Module):
         before = self._active_set() if self.materialized else None
         self.step += steps
         if before is not None and self._active_set() != before and self._scales.dim() == 2:
-            self._build_scales(self._scales.dtype)
+            self._build_scales(self._scales.dtype, self._scales.device)
 
     # ----- forward --------------------------------------------------------------------------------
 
-    @torch.compiler.disable
-    def _materialize(self, features: int, device: torch.device) -> None:
+    def _materialize(self, features: int) -> None:
         generator = torch.Generator().manual_seed(self.seed)
-        keep = torch.rand(self.sigma, features, generator=generator) >= self.p
+        self.masks = torch.rand(self.sigma, features, generator=generator) >= self.p
         n_sets = math.ceil(self.total_steps / self.iter_num)
-        self.masks = keep.to(device)
-        self.schedule = _permutation_walk(self.sigma, self.tau, n_sets, generator).to(device)
+        self.schedule = _permutation_walk(self.sigma, self.tau, n_sets, generator)
 
-    def _build_scales(self, dtype: torch.dtype) -> None:
-        keep = self.masks.index_select(0, self.schedule[self._active_set()])
-        self._scales = keep.to(dtype) * (1.0 / (1.0 - self.p))
+    def _build_scales(self, dtype: torch.dtype, device: torch.device) -> None:
+        keep = self.masks[self.schedule[self._active_set()]]
+        self._scales = (keep.to(dtype) * (1.0 / (1.0 - self.p))).to(device)
 
     @torch.compiler.disable
     def _prepare(self, x: torch.Tensor) -> None:
-        """Build masks on first use, follow the input's device, and build scales in its dtype."""
+        """Build masks on first use, then the active scales in the input's dtype, on its device."""
         features = x.shape[-1]
         if not self.materialized:
-            self._materialize(features, x.device)
+            self._materialize(features)
         elif self.masks.shape[1] != features:
             raise ValueError(
                 f"GyroDropout built its masks for {self.masks.shape[1]} features but got an input whose last "
                 f"dimension is {features}; Gyro Dropout needs a fixed feature width"
             )
-        if self.masks.device != x.device:
-            self.masks, self.schedule = self.masks.to(x.device), self.schedule.to(x.device)
-        self._build_scales(x.dtype)
+        self._build_scales(x.dtype, x.device)
 
     def _ready_for(self, x: torch.Tensor) -> bool:
         scales = self._scales
@@ -323,6 +322,7 @@ class GyroDropout(nn.Module):
         return dict(
             step=self.step, seed=self.seed, p=self.p, sigma=self.sigma, tau=self.tau,
             iters_per_epoch=self.iters_per_epoch, max_epoch=self.max_epoch,
+            masks=self.masks, schedule=self.schedule,
         )
 
     def set_extra_state(self, state: dict) -> None:
@@ -333,19 +333,15 @@ class GyroDropout(nn.Module):
                 )
         self.step, self.seed = int(state["step"]), int(state["seed"])
         self.iters_per_epoch, self.max_epoch = state["iters_per_epoch"], state["max_epoch"]
+        self.masks, self.schedule = _cpu_copy(state["masks"]), _cpu_copy(state["schedule"])
+        self._scales = torch.empty(0, device=self._scales.device)  # rebuilt on the next training forward
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        if not any(prefix + key in state_dict for key in _STATE_KEYS):
+        if prefix + "_extra_state" not in state_dict:
             return  # a checkpoint from before surgery (plain nn.Dropout has no state): stay fresh
-        for name in ("masks", "schedule"):
-            loaded = state_dict.get(prefix + name)
-            own = getattr(self, name)
-            if isinstance(loaded, torch.Tensor) and loaded.shape != own.shape:
-                setattr(self, name, torch.empty_like(loaded, device=own.device))  # let the copy fit
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        self._scales = torch.empty(0, device=self.masks.device)  # rebuilt on the next training forward
 
     def extra_repr(self) -> str:
         return f"p={self.p}, sigma={self.sigma}, tau={self.tau}, iter_num={self.iter_num}, step={self.step}"
