@@ -1,0 +1,216 @@
+"""Triton kernel for the seeded sparse JL projection: ``out = a @ S`` or ``out = a @ S.T``.
+
+Each program owns a ``BLOCK_M x BLOCK_N`` tile of ``out`` and walks the reduction dimension in steps
+of ``BLOCK_R``. Per step it loads a tile of ``a``, builds the matching tile of ``S`` in registers from
+Philox words (:func:`_sign_tile`, the bit layout documented in :mod:`slipstream.ops.sparse_jl`) and
+multiplies on the tensor cores; ``S`` never touches memory. Tiles hold the unscaled entries ``0`` and
+``+-2`` (exact in bf16, fp16 and tf32); the scale ``sqrt(s / k) / 2`` is applied once at the end.
+Narrow outputs split the reduction over several programs (``SPLIT`` partial sums in fp32, added by
+the launcher) so that the grid still covers the GPU.
+
+Imported only when a kernel is about to run (see ``slipstream.ops._backend``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from slipstream.ops._backend import interpreting
+from slipstream.ops.sparse_jl import PHILOX_STREAM
+
+__all__ = ["TileConfig", "with_split", "choose_config", "launch_projection"]
+
+_STREAM = tl.constexpr(PHILOX_STREAM)
+
+
+@triton.jit
+def _keep_and_sign(a, b):
+    """``s = 8`` word: sign bits from ``a``'s odd bits, keep bits the AND of three fair bits."""
+    return (a & 0xAAAAAAAA) | (a & b & (b >> 1) & 0x55555555)
+
+
+@triton.jit
+def _pair_words(seed, first_row, first_col, BLOCKS: tl.constexpr, SPARSITY: tl.constexpr):
+    """``Z`` words ``[2 (row in pair), 2 (16-column half), BLOCKS, 32]`` of 64 rows and 32 x BLOCKS columns.
+
+    Lane ``a`` draws rows ``first_row + 2a + {0, 1}``, warp ``c`` columns ``first_col + 32c + [0, 32)``:
+    every Philox call is made by exactly one thread (with ``BLOCKS`` = warps).
+    """
+    pairs = first_row // 2 + tl.arange(0, 32).to(tl.int64)
+    zero = tl.zeros([BLOCKS, 32], dtype=tl.uint32)
+    c0 = zero + (pairs & 0xFFFFFFFF).to(tl.uint32)[None, :]
+    c1 = zero + (pairs >> 32).to(tl.uint32)[None, :]
+    block = zero + (first_col // 32 + tl.arange(0, BLOCKS)).to(tl.uint32)[:, None]
+    if SPARSITY == 2:  # words: (row 2q, first half), (2q + 1, first), (2q, second), (2q + 1, second)
+        z00, z10, z01, z11 = tl.philox(seed, c0, c1, block, zero + _STREAM)
+    else:  # s = 8: one call per 16 columns, words (A, B) of row 2q then of row 2q + 1
+        a0, b0, a1, b1 = tl.philox(seed, c0, c1, 2 * block, zero + _STREAM)
+        z00, z10 = _keep_and_sign(a0, b0), _keep_and_sign(a1, b1)
+        a0, b0, a1, b1 = tl.philox(seed, c0, c1, 2 * block + 1, zero + _STREAM)
+        z01, z11 = _keep_and_sign(a0, b0), _keep_and_sign(a1, b1)
+    return tl.permute(tl.join(tl.join(z00, z01), tl.join(z10, z11)), (3, 2, 0, 1))
+
+
+@triton.jit
+def _sign_block(seed, first_row, first_col, BLOCKS: tl.constexpr, SPARSITY: tl.constexpr,
+                DTYPE: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """``(2 / scale) * S[first_row:+64, first_col:+32 BLOCKS]`` (its transpose if ``TRANSPOSED``).
+
+    Entries are bit patterns made with shifts and masks, no compares or conversions: bits 14 and 15
+    of a 16-bit lane (30 and 31 of a 32-bit one) are an entry's keep and sign bits, which makes it
+    exactly ``0``, ``+2`` or ``-2`` (``-0`` when a dropped entry's sign bit is set). Each thread
+    expands its own words into 2 rows x 32 adjacent columns held in registers, so the block reaches
+    shared memory in 16-byte stores along columns, with no layout conversion on the way.
+    """
+    z = tl.expand_dims(_pair_words(seed, first_row, first_col, BLOCKS, SPARSITY), 2)
+    if DTYPE.primitive_bitwidth == 16:  # one 32-bit word makes columns 2e (low half) and 2e + 1 (high)
+        e = tl.arange(0, 8).to(tl.uint32)[None, None, :, None, None]
+        pairs = (z << (14 - 2 * e)) & 0xC000C000
+        # dims: row in pair, half, e, block (warp), row pair (lane), low/high
+        entries = tl.join(pairs.to(tl.uint16), (pairs >> 16).to(tl.uint16))
+        if TRANSPOSED:
+            entries = tl.permute(entries, (3, 1, 2, 5, 4, 0))
+        else:
+            entries = tl.permute(entries, (4, 0, 3, 1, 2, 5))
+    else:  # column l of a half reads bit pair u = l // 2 + 8 (l % 2)
+        lane = tl.arange(0, 16).to(tl.uint32)[None, None, :, None, None]
+        entries = (z << (30 - 2 * (lane // 2 + 8 * (lane % 2)))) & 0xC0000000
+        if TRANSPOSED:
+            entries = tl.permute(entries, (3, 1, 2, 4, 0))
+        else:
+            entries = tl.permute(entries, (4, 0, 3, 1, 2))
+    if TRANSPOSED:
+        block = tl.reshape(entries, [32 * BLOCKS, 64])
+    else:
+        block = tl.reshape(entries, [64, 32 * BLOCKS])
+    return block.to(DTYPE, bitcast=True)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _projection_kernel(
+    a_ptr, out_ptr, M, N, R, stride_am, stride_ar, stride_split, stride_om, seed, scale, split_size,
+    SPARSITY: tl.constexpr, TRANSPOSED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, STAGES: tl.constexpr,
+):
+    """``out[split] = scale * a[:, part] @ S[part, :]`` (``S.T[part, :]`` if ``TRANSPOSED``) over part ``split`` of R.
+
+    Computed transposed, ``out.T = S.T @ a.T``, so that the generated block is the register operand
+    of Hopper's wgmma (no shared-memory round trip of its own) and ``a.T`` streams through shared
+    memory. ``tl.range(num_stages=...)`` is what lets Triton pipeline those loads although the other
+    operand is computed in the loop.
+    """
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    # Programs sharing a row block of ``a`` run side by side, so it is read from HBM about once.
+    first_m = (pid // n_tiles) * BLOCK_M
+    first_n = (pid % n_tiles) * BLOCK_N
+    rm = first_m + tl.arange(0, BLOCK_M).to(tl.int64)
+    r_start = tl.program_id(1) * split_size
+    r_end = tl.minimum(r_start + split_size, R)
+
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for r0 in tl.range(r_start, r_end, BLOCK_R, num_stages=STAGES):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        # Splits end on block boundaries, so only ``R`` needs masking (and it keeps the loads wide).
+        a_t = tl.load(a_ptr + rr[:, None] * stride_ar + rm[None, :] * stride_am,
+                      mask=(rr[:, None] < R) & (rm[None, :] < M), other=0.0)
+        if TRANSPOSED:  # out columns are rows of S: the block of S itself
+            s = _sign_block(seed, first_n, r0, BLOCK_R // 32, SPARSITY, a_t.dtype, False)
+        else:
+            s = _sign_block(seed, r0, first_n, BLOCK_N // 32, SPARSITY, a_t.dtype, True)
+        if DOT_IN_FP32:  # Triton's CPU interpreter multiplies bf16 operands as raw 16-bit integers
+            acc = tl.dot(s.to(tl.float32), a_t.to(tl.float32), acc)
+        else:
+            acc = tl.dot(s, a_t, acc, input_precision=DOT_PRECISION)
+
+    rn = first_n + tl.arange(0, BLOCK_N)
+    out_ptrs = out_ptr + tl.program_id(1) * stride_split + rm[None, :] * stride_om + rn[:, None]
+    tl.store(out_ptrs, (acc * scale).to(out_ptr.dtype.element_ty), mask=(rm[None, :] < M) & (rn[:, None] < N))
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Launch shape of :func:`_projection_kernel`; ``split`` programs share each output tile's reduction.
+
+    A generated block always spans 64 rows of ``S``: ``block_r`` is 64 for the projection and
+    ``block_n`` is 64 for the transpose; the other ``S`` side is a multiple of 32.
+    """
+
+    block_m: int
+    block_n: int
+    block_r: int
+    num_warps: int
+    num_stages: int
+    split: int = 1
+
+
+_PROJECT_16BIT = TileConfig(256, 128, 64, 8, 3)
+_PROJECT_FP32 = TileConfig(128, 128, 64, 4, 3)
+_TRANSPOSE = TileConfig(128, 64, 128, 4, 3)
+_INTERPRETER = TileConfig(16, 64, 64, 2, 1)  # Triton's CPU interpreter: small tiles keep tests fast
+
+
+def with_split(config: TileConfig, m: int, n: int, r: int, sm_count: int) -> TileConfig:
+    """``config`` with the reduction split so that an ``(m x r) @ (r x n)`` product fills ``sm_count`` SMs.
+
+    With at most half as many output tiles as SMs, the reduction is split (parts of at least 4 steps).
+
+    Example:
+        >>> with_split(TileConfig(256, 128, 64, 8, 3), 4096, 256, 4096, 132).split
+        4
+    """
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    steps = triton.cdiv(r, config.block_r)
+    return replace(config, split=max(1, min(sm_count // tiles, steps // 4)))
+
+
+def choose_config(m: int, n: int, r: int, transposed: bool, dtype: torch.dtype, sm_count: int) -> TileConfig:
+    """The tile shape for an ``(m x r) @ (r x n)`` projection (or transpose) on a GPU with ``sm_count`` SMs.
+
+    Example:
+        >>> choose_config(4096, 1024, 65536, False, torch.bfloat16, 132)
+        TileConfig(block_m=256, block_n=128, block_r=64, num_warps=8, num_stages=3, split=1)
+    """
+    if interpreting():
+        return _INTERPRETER
+    config = _TRANSPOSE if transposed else (_PROJECT_FP32 if dtype == torch.float32 else _PROJECT_16BIT)
+    return with_split(config, m, n, r, sm_count)
+
+
+def launch_projection(
+    a: torch.Tensor, n: int, seed: int, sparsity: int, scale: float, transposed: bool, config: TileConfig | None = None
+) -> torch.Tensor:
+    """``scale / 2 * a @ E`` for ``E`` the ``{0, +-2}`` entries of ``S`` (``S.T`` if ``transposed``), for 2-D ``a``.
+
+    ``a`` is ``(m, r)`` with any strides; the result is a new contiguous ``(m, n)`` tensor in
+    ``a``'s dtype. ``config`` overrides :func:`choose_config` (benchmarks use it to compare shapes).
+
+    Example:
+        >>> y = launch_projection(torch.randn(8, 64, device="cuda"), 32, 1, 2, 0.25, False)  # doctest: +SKIP
+    """
+    m, r = a.shape
+    if config is None:
+        sm_count = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 1
+        config = choose_config(m, n, r, transposed, a.dtype, sm_count)
+    steps = triton.cdiv(r, config.block_r)
+    split_size = triton.cdiv(steps, config.split) * config.block_r
+    split = triton.cdiv(r, split_size)
+    if split == 1:
+        out = torch.empty(m, n, dtype=a.dtype, device=a.device)
+    else:
+        out = torch.empty(split, m, n, dtype=torch.float32, device=a.device)
+    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), split)
+    _projection_kernel[grid](
+        a, out, m, n, r, a.stride(0), a.stride(1), out.stride(0) if split > 1 else 0, out.stride(-2),
+        seed, scale / 2, split_size,
+        SPARSITY=sparsity, TRANSPOSED=transposed,
+        DOT_PRECISION="tf32" if a.dtype == torch.float32 else "ieee",
+        DOT_IN_FP32=interpreting() and a.dtype == torch.bfloat16,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=config.block_r, STAGES=config.num_stages,
+        num_warps=config.num_warps,
+    )
+    return out if split == 1 else out.sum(0, dtype=a.dtype)
