@@ -17,6 +17,7 @@ Usage (repo root)::
 
     PYTHONPATH=. python benchmarks/end_to_end.py --out $OUT/end_to_end.md --json $OUT/end_to_end.json
     PYTHONPATH=. python benchmarks/end_to_end.py --models gpt2,bert --steps 20 --rounds 3
+    PYTHONPATH=. python benchmarks/end_to_end.py --models gpt2 --profile $OUT/profile.md   # where time goes
     PYTHONPATH=. python benchmarks/end_to_end.py --loss-curve --png $OUT/loss_curve.png
     PYTHONPATH=. python benchmarks/end_to_end.py --quick --configs eager,methods,all   # CPU smoke run
 """
@@ -35,6 +36,7 @@ import torch
 from benchmarks.common import command_line, environment_line, write_section
 from benchmarks.end_to_end_loss_curve import run_loss_curve
 from benchmarks.end_to_end_models import MODELS, ModelSpec, model_names
+from benchmarks.end_to_end_profile import profile_trainee
 from benchmarks.end_to_end_report import model_section
 from benchmarks.end_to_end_training import (
     Config, MethodFn, Trainee, batch_pool, discover_methods, dropout_mask_bytes, free_device_memory,
@@ -69,6 +71,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny models (a CPU smoke run)")
     parser.add_argument("--out", help="write the markdown results here")
     parser.add_argument("--json", help="write the raw results (every step time) here")
+    parser.add_argument("--profile", help="after the rounds, profile a few steps of each configuration; "
+                                          "write top kernels, host time and host syncs here (markdown)")
     parser.add_argument("--loss-curve", action="store_true",
                         help="instead: loss curves with and without all methods, two baseline seeds")
     parser.add_argument("--curve-steps", type=int, default=200)
@@ -124,6 +128,7 @@ def _config_result(trainee: Trainee) -> dict:
         "state_bytes": trainee.state_bytes,
         "final_loss": trainee.final_loss(),
         "graph_breaks": trainee.graph_breaks,
+        "graphs": trainee.graphs,
     }
 
 
@@ -173,6 +178,8 @@ def benchmark_model(spec: ModelSpec, args: argparse.Namespace, methods: dict[str
         "configs": [_config_result(t) for t in trainees],
         "failed": failed,
     }
+    if args.profile:  # after the results: profiling steps are not counted in them
+        result["profiles"] = {t.config.name: profile_trainee(t) for t in trainees}
     del trainees
     free_device_memory()
     return result
@@ -192,6 +199,14 @@ def _write_json(path: Optional[str], payload: dict) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(payload, f, indent=1)
+
+
+def _write_profiles(path: Optional[str], results: list[dict]) -> None:
+    if path:
+        with open(path, "w") as f:
+            for result in results:
+                for config, text in result.get("profiles", {}).items():
+                    f.write(f"## {result['model']}: {config}\n\n{text}\n")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -222,6 +237,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 free_device_memory()
         print(model_section(results[-1]), flush=True)
         _write_json(args.json, {"environment": env, "models": results})
+        _write_profiles(args.profile, results)
     if args.rounds < 3:
         env += "\n\nFewer than 3 rounds: the spreads say little."
     write_section(args.out, "End-to-end training", env, "\n".join(model_section(r) for r in results))

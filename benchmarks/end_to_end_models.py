@@ -4,8 +4,8 @@ Each :class:`ModelSpec` builds its model (nothing is downloaded), makes a pool o
 and computes the training loss. ``quick=True`` gives tiny versions that train on a CPU in seconds.
 
 The synthetic data is learnable, so a loss curve has a shape and methods that break the math show
-up in it: token sequences follow a random bigram language (each token has 8 possible successors, so
-the loss floor is ln 8), images are a per-class smooth template plus noise, and the UNet learns to
+up in it: token sequences follow a random bigram language (1024 words, each with 8 possible
+successors, so the loss floor is ln 8), images are a per-class smooth template plus noise, and the UNet learns to
 predict the noise added to such images (DDPM's objective).
 """
 
@@ -50,17 +50,24 @@ class ModelSpec:
 
 BATCHES_IN_POOL = 4  # distinct batches a benchmark run cycles through (every configuration alike)
 BIGRAM_BRANCHING = 8
+ACTIVE_VOCAB = 1024  # tokens the language uses: few enough that 200 GPT-2 steps learn its bigrams
 
 
 def bigram_tokens(n_seq: int, seq_len: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
-    """Sequences of a random bigram language: each token is followed by one of 8 fixed successors."""
-    successors = torch.randint(vocab, (vocab, BIGRAM_BRANCHING), generator=generator)
+    """Sequences of a random bigram language over 1024 of the ``vocab`` tokens (8 successors each).
+
+    The language is drawn first from ``generator``, so every call with a generator of the same seed
+    speaks the same language whatever ``n_seq`` is.
+    """
+    words = torch.randperm(vocab, generator=generator)[:ACTIVE_VOCAB]
+    n_words = len(words)
+    successors = torch.randint(n_words, (n_words, BIGRAM_BRANCHING), generator=generator)
     choice = torch.randint(BIGRAM_BRANCHING, (n_seq, seq_len), generator=generator)
-    tokens = torch.empty(n_seq, seq_len, dtype=torch.long)
-    tokens[:, 0] = torch.randint(vocab, (n_seq,), generator=generator)
+    index = torch.empty(n_seq, seq_len, dtype=torch.long)
+    index[:, 0] = torch.randint(n_words, (n_seq,), generator=generator)
     for i in range(1, seq_len):
-        tokens[:, i] = successors[tokens[:, i - 1], choice[:, i]]
-    return tokens
+        index[:, i] = successors[index[:, i - 1], choice[:, i]]
+    return words[index]
 
 
 def template_images(n: int, classes: int, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,8 +97,11 @@ def build_gpt2(quick: bool) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if quick:
-        return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64, **_tiny_transformer_config()))
-    return GPT2LMHeadModel(GPT2Config())
+        config = GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64, **_tiny_transformer_config())
+    else:
+        config = GPT2Config()
+    config.loss_type = "ForCausalLM"  # named, else transformers warns inside forward: a torch.compile graph break
+    return GPT2LMHeadModel(config)
 
 
 def gpt2_batches(quick: bool, generator: torch.Generator, count: int) -> list[Batch]:
@@ -111,8 +121,10 @@ def build_bert(quick: bool) -> nn.Module:
             num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
             max_position_embeddings=64, **_tiny_transformer_config(),
         )
-        return BertForMaskedLM(config)
-    return BertForMaskedLM(BertConfig())
+    else:
+        config = BertConfig()
+    config.loss_type = "ForMaskedLM"  # named, else transformers warns inside forward: a torch.compile graph break
+    return BertForMaskedLM(config)
 
 
 BERT_MASK_TOKEN = 103  # [MASK] in BERT's vocabulary

@@ -65,7 +65,7 @@ def _surgery_lines(result: dict) -> list[str]:
             applied = "; ".join(f"`{m}` {s}" for m, s in config["surgery"].items())
             lines.append(f"- `{config['name']}` applies, in order: {applied}")
         if config["compiled"]:
-            lines.append(f"- `{config['name']}`: {config['graph_breaks']} graph breaks")
+            lines.append(f"- `{config['name']}`: {config['graph_breaks']} graph breaks, {config['graphs']} graphs compiled")
     if result["dropout_mask_bytes"]:
         lines.append(f"- eager dropout masks (nn.Dropout, p > 0): {result['dropout_mask_bytes'] / MIB:.3g} MiB a step")
     return lines

@@ -30,7 +30,7 @@ __all__ = [
     "Config",
     "Trainee",
     "dropout_mask_bytes",
-    "graph_break_count",
+    "compile_counts",
     "batch_pool",
     "free_device_memory",
 ]
@@ -197,11 +197,11 @@ def free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def graph_break_count() -> int:
-    """Graph breaks torch.compile has counted in this process so far."""
+def compile_counts() -> tuple[int, int]:
+    """(graph breaks, graphs compiled) that torch.compile has counted in this process so far."""
     from torch._dynamo.utils import counters
 
-    return sum(counters["graph_break"].values())
+    return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
 
 
 ROUND_WARMUP_STEPS = 2  # untimed steps at the start of each round: caches re-warm after other configs ran
@@ -235,6 +235,7 @@ class Trainee:
         self.peak_bytes: Optional[int] = None  # CUDA only
         self.state_bytes = 0
         self.graph_breaks = 0
+        self.graphs = 0  # forward graphs torch.compile made: 1 when nothing breaks the graph
 
     def step(self) -> torch.Tensor:
         """One training step: forward and loss under bf16 autocast, backward, fused AdamW."""
@@ -252,10 +253,11 @@ class Trainee:
 
     def warm_up(self, steps: int) -> None:
         """Untimed first steps (torch.compile compiles here); then record the state this trainee keeps."""
-        breaks_before = graph_break_count()
+        breaks_before, graphs_before = compile_counts()
         for _ in range(steps):
             self.step()
-        self.graph_breaks = graph_break_count() - breaks_before
+        breaks, graphs = compile_counts()
+        self.graph_breaks, self.graphs = breaks - breaks_before, graphs - graphs_before
         optimizer_state = [t for state in self.optimizer.state.values() for t in state.values()]
         self.state_bytes = _tensor_bytes([*self.model.parameters(), *self.model.buffers(), *optimizer_state])
 
