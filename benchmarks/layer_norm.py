@@ -153,10 +153,10 @@ def tuning_candidates(n: int) -> list[tuple[str, kernels.Tiling]]:
     block_n = 1 << (n - 1).bit_length()
     out = []
     if block_n <= kernels.MAX_REGISTER_ROW:
-        for block_m, warps in itertools.product((1, 2, 4, 8, 16), (1, 2, 4, 8, 16, 32)):
-            per_thread = block_m * block_n // (32 * warps)
-            if 4 <= per_thread <= 32 and block_m * block_n <= 16384:
-                out.append(("forward", kernels.Tiling(block_m, block_n, warps)))
+        for block_m, warps, per_sm, prefetch in itertools.product((1, 2, 4, 8), (2, 4, 8, 16, 32), (0, 2, 4, 8),
+                                                                  (True, False)):
+            if 8 <= block_m * block_n // (32 * warps) <= 32 and block_m * block_n <= 16384 and (prefetch or not per_sm):
+                out.append(("forward", kernels.Tiling(block_m, block_n, warps, per_sm, prefetch)))
     else:
         for chunk, warps in itertools.product((1024, 2048, 4096, 8192), (4, 8, 16)):
             if 4 <= chunk // (32 * warps) <= 32:
@@ -167,8 +167,8 @@ def tuning_candidates(n: int) -> list[tuple[str, kernels.Tiling]]:
     else:
         tiles = [(2, 1024, 8), (4, 512, 4), (8, 256, 4), (4, 1024, 8), (8, 512, 8), (16, 256, 8), (2, 512, 4),
                  (4, 256, 4)]
-    for (bm, bn, w), pps in itertools.product(tiles, (1, 2, 4, 8)):
-        out.append(("backward", kernels.Tiling(bm, bn, w, pps)))
+    for (bm, bn, w), pps, prefetch in itertools.product(tiles, (1, 2, 4, 8), (True, False)):
+        out.append(("backward", kernels.Tiling(bm, bn, w, pps, prefetch)))
     return out
 
 
@@ -194,8 +194,10 @@ def _compile_jobs(jobs: list) -> int:
 
 def tune(report: list, dtype_names: list[str], workers: int) -> None:
     """Time every candidate tiling at every shape; report the fastest per (dtype, shape, kernel)."""
-    jobs = [(m, n, name, kind, dataclasses.astuple(t)) for name in dtype_names for m, n in SHAPES
-            for kind, t in tuning_candidates(n) if kind == "forward" or t.programs_per_sm == 1]
+    # One compile per kernel variant: programs_per_sm changes only the grid.
+    variants = {(name, n, kind, dataclasses.replace(t, programs_per_sm=1)): m for name in dtype_names
+                for m, n in SHAPES for kind, t in tuning_candidates(n)}
+    jobs = [(m, n, name, kind, dataclasses.astuple(t)) for (name, n, kind, t), m in variants.items()]
     start = time.time()
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         failures = sum(pool.map(_compile_jobs, [jobs[i::workers] for i in range(workers)]))
@@ -214,7 +216,7 @@ def tune(report: list, dtype_names: list[str], workers: int) -> None:
                     if k != kind or tiling in results:
                         continue
                     try:
-                        results[tiling] = gbs(nbytes, do_bench_median(run_tiling(kind, tiling, x, w, b, dy), 5, 20))
+                        results[tiling] = gbs(nbytes, do_bench_median(run_tiling(kind, tiling, x, w, b, dy), 3, 15))
                     except Exception as error:  # noqa: BLE001 - report and keep tuning
                         print(f"{name} {m}x{n} {kind} {tiling}: {type(error).__name__}", flush=True)
                 ranked = sorted(results.items(), key=lambda kv: -kv[1])
@@ -223,7 +225,7 @@ def tune(report: list, dtype_names: list[str], workers: int) -> None:
                 table.add(name, f"{m}x{n}", kind, dataclasses.astuple(default[kind]), results.get(default[kind], 0.0),
                           dataclasses.astuple(ranked[0][0]), ranked[0][1], top)
             print(table.rows[-2:], flush=True)
-    report.append("### Tuning (GB/s of each kernel alone; tiling = block_m, block_n, warps, programs/SM)\n\n"
+    report.append("### Tuning (GB/s of each kernel alone; tiling = block_m, block_n, warps, programs/SM, prefetch)\n\n"
                   + table.markdown())
     report.append("```json\n" + json.dumps(raw) + "\n```")
     print(report[-2], flush=True)

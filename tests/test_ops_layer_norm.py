@@ -11,7 +11,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def rel_err(out, ref):
-    return float((out.detach().double() - ref).norm() / ref.norm())
+    return float((out.detach().double() - ref.detach()).norm() / ref.detach().norm())
 
 
 def random_case(shape, normalized_shape, dtype, param_dtype=None, affine=True, bias=True):

@@ -53,45 +53,47 @@ MAX_BACKWARD_REGISTER_ROW = 8192
 class Tiling:
     """Launch shape of one kernel: a ``block_m`` x ``block_n`` tile, ``num_warps`` warps per program.
 
-    ``programs_per_sm``: the backward launches about this many programs per multiprocessor, each
-    walking its share of the rows (the forward launches one program per tile).
+    ``programs_per_sm``: a kernel launches about this many programs per multiprocessor, each
+    walking its share of the row blocks; 0 launches one program per row block. ``prefetch``: load
+    the next row block before reducing the current one (more bytes in flight, more registers).
     """
 
     block_m: int
     block_n: int
     num_warps: int
-    programs_per_sm: int = 1
+    programs_per_sm: int = 0
+    prefetch: bool = True
 
 
 def forward_tiling(n: int, element_size: int) -> Tiling:
-    """Default forward tiling for rows of ``n`` elements of ``element_size`` bytes.
+    """Default forward tiling for rows of ``n`` elements of ``element_size`` bytes (tuned on an H100).
 
     Example:
         >>> forward_tiling(1024, 2)
-        Tiling(block_m=4, block_n=1024, num_warps=4, programs_per_sm=1)
+        Tiling(block_m=4, block_n=1024, num_warps=4, programs_per_sm=0)
     """
     block_n = triton.next_power_of_2(n)
     if block_n > MAX_REGISTER_ROW:
-        return Tiling(block_m=1, block_n=4096, num_warps=8)
-    # About 16 bytes per thread per row (one vector load), several rows per program for short rows.
-    num_warps = max(1, min(16, block_n * element_size // (16 * 32 * 2)))
-    block_m = max(1, min(16, 4096 // block_n))
-    return Tiling(block_m=block_m, block_n=block_n, num_warps=num_warps)
+        return Tiling(block_m=1, block_n=16384 // element_size, num_warps=8)  # 16 KB chunks
+    block_m = 1 if block_n >= 8192 else 2 if block_n >= 2048 else min(16, 4096 // block_n)
+    # 32 elements a thread: enough loads in flight without spilling.
+    return Tiling(block_m=block_m, block_n=block_n, num_warps=min(16, max(1, block_m * block_n // 1024)))
 
 
 def backward_tiling(n: int, element_size: int) -> Tiling:
-    """Default backward tiling for rows of ``n`` elements of ``element_size`` bytes.
+    """Default backward tiling for rows of ``n`` elements of ``element_size`` bytes (tuned on an H100).
 
     Example:
         >>> backward_tiling(1024, 2)
-        Tiling(block_m=2, block_n=1024, num_warps=4, programs_per_sm=2)
+        Tiling(block_m=4, block_n=1024, num_warps=8, programs_per_sm=2)
     """
     block_n = triton.next_power_of_2(n)
     if block_n > MAX_BACKWARD_REGISTER_ROW:
-        return Tiling(block_m=16, block_n=256, num_warps=8, programs_per_sm=4)
-    num_warps = max(1, min(16, block_n * element_size // (16 * 32 * 2)))
-    block_m = max(1, min(8, 2048 // block_n))
-    return Tiling(block_m=block_m, block_n=block_n, num_warps=num_warps, programs_per_sm=2)
+        return Tiling(block_m=4, block_n=512, num_warps=4, programs_per_sm=2)
+    block_m = min(16, max(1, 4096 // block_n))
+    # 8 to 16 elements a thread: x, dy and the two accumulators all live in registers.
+    return Tiling(block_m=block_m, block_n=block_n, num_warps=min(16, max(1, block_m * block_n // 512)),
+                  programs_per_sm=2 if block_n <= 4096 else 1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,6 +101,13 @@ def _multiprocessors(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 3  # Triton's CPU interpreter: a few programs, so tests walk several rows per program
+
+
+def _programs(tiling: Tiling, blocks: int, device: torch.device) -> int:
+    """How many programs share ``blocks`` row blocks (see :class:`Tiling`)."""
+    if tiling.programs_per_sm == 0:
+        return blocks
+    return min(blocks, _multiprocessors(device) * tiling.programs_per_sm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,27 +124,58 @@ def _scale_shift(y, W, B, cols, col_ok, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.c
     return y
 
 
+@triton.jit
+def _load_rows(ptr, rows, cols, M, N, stride):
+    """A ``[rows, cols]`` tile in its stored dtype; rows past M and columns past N read nothing."""
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    offsets = rows.to(tl.int64)[:, None] * stride + cols[None, :]
+    return tl.load(ptr + offsets, mask=mask, other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _store_rows(ptr, value, rows, cols, M, N):
+    """Store a ``[rows, cols]`` tile into a contiguous ``[M, N]`` matrix, in the matrix's dtype."""
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    tl.store(ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+
+
 # M (the row count) is not specialized on: batch shapes vary, and each value would compile anew.
 @triton.jit(do_not_specialize=["M"])
 def _forward_rows_kernel(
     X, Y, W, B, Mean, Rstd, M, N, stride_x, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Persistent: each program walks row blocks with a stride, loading the next block before it
+    # reduces the current one, so a load is always in flight while the reductions wait.
     cols = tl.arange(0, BLOCK_N)
-    row_ok = rows < M
     col_ok = cols < N
-    mask = row_ok[:, None] & col_ok[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
-    x = x.to(tl.float32)
-    mean = tl.sum(x, axis=1) / N
-    centered = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / N + eps)
-    y = _scale_shift(centered * rstd[:, None], W, B, cols[None, :], col_ok[None, :], HAS_WEIGHT, HAS_BIAS)
-    tl.store(Y + rows64 * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(Mean + rows, mean, mask=row_ok)
-    tl.store(Rstd + rows, rstd, mask=row_ok)
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
+    step = tl.num_programs(0) * BLOCK_M
+    first = tl.program_id(0) * BLOCK_M
+    if PREFETCH:
+        x_next = _load_rows(X, first + tl.arange(0, BLOCK_M), cols, M, N, stride_x)
+    for first_row in range(first, M, step):
+        rows = first_row + tl.arange(0, BLOCK_M)
+        if PREFETCH:
+            x = x_next.to(tl.float32)
+            x_next = _load_rows(X, rows + step, cols, M, N, stride_x)
+        else:
+            x = _load_rows(X, rows, cols, M, N, stride_x).to(tl.float32)
+        mean = tl.sum(x, axis=1) / N
+        centered = tl.where(col_ok[None, :], x - mean[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / N + eps)
+        y = centered * rstd[:, None]
+        if HAS_WEIGHT:
+            y = y * w[None, :]
+        if HAS_BIAS:
+            y = y + b[None, :]
+        _store_rows(Y, y, rows, cols, M, N)
+        tl.store(Mean + rows, mean, mask=rows < M)
+        tl.store(Rstd + rows, rstd, mask=rows < M)
 
 
 @triton.jit
@@ -199,10 +239,10 @@ def forward(
     w = x if weight is None else weight  # a placeholder pointer when absent: never read
     b = x if bias is None else bias
     if tiling.block_n >= n:
-        grid = (triton.cdiv(m, tiling.block_m),)
+        grid = (_programs(tiling, triton.cdiv(m, tiling.block_m), x.device),)
         _forward_rows_kernel[grid](
             x, y, w, b, mean, rstd, m, n, x.stride(0), eps,
-            BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, **flags,
+            BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, PREFETCH=tiling.prefetch, **flags,
         )
     else:
         _forward_looped_kernel[(m,)](x, y, w, b, mean, rstd, n, x.stride(0), eps, BLOCK_N=tiling.block_n, **flags)
@@ -214,47 +254,92 @@ def forward(
 
 
 @triton.jit
-def _load_tile(ptr, rows64, stride, cols, mask):
-    return tl.load(ptr + rows64 * stride + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+def _dx_tile(DX, x, dy, w, Mean, Rstd, MeanGX, MeanG, rows, cols, M, N,
+             HAS_WEIGHT: tl.constexpr, ROW_MEANS_GIVEN: tl.constexpr):
+    """Write dx for a tile of raw x, dy; return ``(dy * xhat, dy)`` for the dW/dB sums.
+
+    The row means of ``g * xhat`` and ``g`` come from MeanGX/MeanG when ROW_MEANS_GIVEN (the
+    column-tiled path), else from this tile, which then holds whole rows.
+    """
+    row_ok = rows < M
+    mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
+    rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+    dy = dy.to(tl.float32)
+    # Masked rows and columns have dy = 0, so they add nothing to the sums.
+    xhat = (x.to(tl.float32) - mean[:, None]) * rstd[:, None]
+    if HAS_WEIGHT:
+        g = dy * w[None, :]
+    else:
+        g = dy
+    if ROW_MEANS_GIVEN:
+        mean_gx = tl.load(MeanGX + rows, mask=row_ok, other=0.0)
+        mean_g = tl.load(MeanG + rows, mask=row_ok, other=0.0)
+    else:
+        mean_gx = tl.sum(g * xhat, axis=1) / N
+        mean_g = tl.sum(g, axis=1) / N
+    _store_rows(DX, (g - xhat * mean_gx[:, None] - mean_g[:, None]) * rstd[:, None], rows, cols, M, N)
+    return dy * xhat, dy
+
+
+@triton.jit
+def _backward_tiles(
+    DY, X, W, Mean, Rstd, MeanGX, MeanG, DX, DW_partial, DB_partial, M, N, stride_dy, stride_x,
+    cols, first_block, block_step, partial_row,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_MEANS_GIVEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    """Walk row blocks first_block, first_block + block_step, ... from the bottom of the matrix up.
+
+    Writes dx for each and stores this program's dW/dB partial sums (fp32) as row ``partial_row``.
+    The next block's x and dy are loaded before the current one is reduced, so loads stay in
+    flight. Bottom-up: on the column-tiled path the row-means kernel has just read the last rows,
+    which are then still in L2.
+    """
+    col_ok = cols < N
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        w = 1.0
+    dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    last_block = tl.cdiv(M, BLOCK_M) - 1
+    rows = (last_block - first_block) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if PREFETCH:
+        x_next = _load_rows(X, rows, cols, M, N, stride_x)
+        dy_next = _load_rows(DY, rows, cols, M, N, stride_dy)
+    for block in range(first_block, last_block + 1, block_step):
+        rows = (last_block - block) * BLOCK_M + tl.arange(0, BLOCK_M)
+        if PREFETCH:
+            x, dy = x_next, dy_next
+            rows_next = rows - block_step * BLOCK_M
+            rows_next = tl.where(rows_next >= 0, rows_next, M)  # past the top: M, so nothing is read
+            x_next = _load_rows(X, rows_next, cols, M, N, stride_x)
+            dy_next = _load_rows(DY, rows_next, cols, M, N, stride_dy)
+        else:
+            x = _load_rows(X, rows, cols, M, N, stride_x)
+            dy = _load_rows(DY, rows, cols, M, N, stride_dy)
+        dw_tile, db_tile = _dx_tile(DX, x, dy, w, Mean, Rstd, MeanGX, MeanG, rows, cols, M, N,
+                                    HAS_WEIGHT, ROW_MEANS_GIVEN)
+        dw_acc += dw_tile
+        db_acc += db_tile
+    if HAS_WEIGHT:
+        tl.store(DW_partial + partial_row * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+    if HAS_BIAS:
+        tl.store(DB_partial + partial_row * N + cols, tl.sum(db_acc, axis=0), mask=col_ok)
 
 
 @triton.jit(do_not_specialize=["M"])
 def _backward_rows_kernel(
     DY, X, W, Mean, Rstd, DX, DW_partial, DB_partial, M, N, stride_dy, stride_x,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     program = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for first_row in range(program * BLOCK_M, M, tl.num_programs(0) * BLOCK_M):
-        rows = first_row + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        mask = row_ok[:, None] & col_ok[None, :]
-        rows64 = rows.to(tl.int64)[:, None]
-        x = _load_tile(X, rows64, stride_x, cols[None, :], mask)
-        dy = _load_tile(DY, rows64, stride_dy, cols[None, :], mask)
-        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
-        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
-        # Masked rows and columns have dy = 0, so they add nothing to the sums below.
-        xhat = (x - mean[:, None]) * rstd[:, None]
-        if HAS_WEIGHT:
-            g = dy * w[None, :]
-        else:
-            g = dy
-        mean_gx = tl.sum(g * xhat, axis=1) / N
-        mean_g = tl.sum(g, axis=1) / N
-        dx = (g - xhat * mean_gx[:, None] - mean_g[:, None]) * rstd[:, None]
-        tl.store(DX + rows64 * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        dw_acc += dy * xhat
-        db_acc += dy
-    if HAS_WEIGHT:
-        tl.store(DW_partial + program * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
-    if HAS_BIAS:
-        tl.store(DB_partial + program * N + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+    _backward_tiles(
+        DY, X, W, Mean, Rstd, Mean, Rstd, DX, DW_partial, DB_partial, M, N, stride_dy, stride_x,
+        tl.arange(0, BLOCK_N), program, tl.num_programs(0), program,
+        HAS_WEIGHT, HAS_BIAS, False, BLOCK_M, BLOCK_N, PREFETCH,
+    )
 
 
 @triton.jit
@@ -271,8 +356,7 @@ def _backward_row_means_kernel(
     for start in range(0, N, BLOCK_N):
         cols = start + offsets
         ok = cols < N
-        # evict_last: the column kernel that runs next walks the rows bottom-up, re-reading the last
-        # rows read here while they are still in L2.
+        # evict_last: the column kernel that runs next re-reads the last rows read here from L2.
         x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
         dy = tl.load(DY + row * stride_dy + cols, mask=ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
         if HAS_WEIGHT:
@@ -287,39 +371,14 @@ def _backward_row_means_kernel(
 def _backward_columns_kernel(
     DY, X, W, Mean, Rstd, MeanGX, MeanG, DX, DW_partial, DB_partial, M, N, stride_dy, stride_x,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     group = tl.program_id(1)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    row_blocks = tl.cdiv(M, BLOCK_M)
-    for i in range(group, row_blocks, tl.num_programs(1)):
-        rows = (row_blocks - 1 - i) * BLOCK_M + tl.arange(0, BLOCK_M)  # bottom-up: see the row-means kernel
-        row_ok = rows < M
-        mask = row_ok[:, None] & col_ok[None, :]
-        rows64 = rows.to(tl.int64)[:, None]
-        x = _load_tile(X, rows64, stride_x, cols[None, :], mask)
-        dy = _load_tile(DY, rows64, stride_dy, cols[None, :], mask)
-        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
-        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
-        mean_gx = tl.load(MeanGX + rows, mask=row_ok, other=0.0)
-        mean_g = tl.load(MeanG + rows, mask=row_ok, other=0.0)
-        xhat = (x - mean[:, None]) * rstd[:, None]
-        if HAS_WEIGHT:
-            g = dy * w[None, :]
-        else:
-            g = dy
-        dx = (g - xhat * mean_gx[:, None] - mean_g[:, None]) * rstd[:, None]
-        tl.store(DX + rows64 * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        dw_acc += dy * xhat
-        db_acc += dy
-    if HAS_WEIGHT:
-        tl.store(DW_partial + group * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
-    if HAS_BIAS:
-        tl.store(DB_partial + group * N + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+    _backward_tiles(
+        DY, X, W, Mean, Rstd, MeanGX, MeanG, DX, DW_partial, DB_partial, M, N, stride_dy, stride_x,
+        tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N), group, tl.num_programs(1), group,
+        HAS_WEIGHT, HAS_BIAS, True, BLOCK_M, BLOCK_N, PREFETCH,
+    )
 
 
 @triton.jit
@@ -373,18 +432,17 @@ def backward(
     dx = torch.empty((m, n), dtype=x.dtype, device=device)
     has_weight, has_bias = weight is not None, bias_dtype is not None
     flags = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
-                 num_warps=tiling.num_warps)
+                 PREFETCH=tiling.prefetch, num_warps=tiling.num_warps)
     w = x if weight is None else weight  # a placeholder pointer when absent: never read
     if tiling.block_n >= n:
-        n_partials = min(_multiprocessors(device) * tiling.programs_per_sm, triton.cdiv(m, tiling.block_m))
+        n_partials = _programs(tiling, triton.cdiv(m, tiling.block_m), device)
         partials = torch.empty((2, n_partials, n), dtype=torch.float32, device=device)
         _backward_rows_kernel[(n_partials,)](
             dy, x, w, mean, rstd, dx, partials[0], partials[1], m, n, dy.stride(0), x.stride(0), **flags
         )
     else:
         col_blocks = triton.cdiv(n, tiling.block_n)
-        row_groups = triton.cdiv(_multiprocessors(device) * tiling.programs_per_sm, col_blocks)
-        n_partials = min(row_groups, triton.cdiv(m, tiling.block_m))
+        n_partials = triton.cdiv(_programs(tiling, col_blocks * triton.cdiv(m, tiling.block_m), device), col_blocks)
         mean_gx = torch.empty(m, dtype=torch.float32, device=device)
         mean_g = torch.empty_like(mean_gx)
         _backward_row_means_kernel[(m,)](
