@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from torch import nn
 
 from benchmarks.common import (
@@ -30,6 +32,7 @@ from benchmarks.common import (
 from slipstream.nn import SeededDropout
 from slipstream.ops.dropout import keep_mask, keep_threshold, seeded_dropout, seeded_dropout_rows
 from slipstream.ops.kernels import dropout as kernels
+from slipstream.ops.philox import philox
 
 P = 0.1
 SHAPES = [(8192, 4096), (32768, 8192)]
@@ -45,24 +48,68 @@ def _expected(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x.double() / (1 - P), torch.zeros((), dtype=torch.float64, device=x.device))
 
 
-def check_ops(log: list[str]) -> None:
-    """Masks equal to the reference bit for bit; values and gradients against float64."""
-    for dtype in DTYPES:
-        x = torch.randn(1000, 1037, device="cuda", dtype=dtype, requires_grad=True)
-        seed = int(torch.randint(-(2**62), 2**62, ()))
-        y = seeded_dropout(x, P, seed)
-        mask = keep_mask(torch.tensor(seed, device="cuda"), P, x.numel()).view(x.shape)
-        assert torch.equal(y != 0, mask), "one-seed mask differs from the reference"
-        assert rel_error(y.detach(), _expected(x.detach(), mask)) < 1e-2
-        dy = torch.randn_like(x)
-        assert rel_error(_grad(lambda t: seeded_dropout(t, P, seed), x, dy), _expected(dy, mask)) < 1e-2
+def _mismatch(got: torch.Tensor, want: torch.Tensor) -> str:
+    """'' when equal, else how many differ and the column-in-group histogram of the first ones."""
+    diff = (got.cpu() != want.cpu()).flatten()
+    if not diff.any():
+        return ""
+    where = diff.nonzero().flatten()
+    lanes = torch.bincount(where[:4096] % 8, minlength=8).tolist()
+    return f"{int(diff.sum())}/{diff.numel()} differ, first at {where[:4].tolist()}, lanes {lanes}"
 
-        seeds = torch.randint(-(2**63), 2**63 - 1, (x.shape[0],), device="cuda")
-        rows = seeded_dropout_rows(x, P, seeds)
-        assert torch.equal(rows != 0, keep_mask(seeds, P, x.shape[1])), "per-row mask differs from the reference"
-        xt = x.detach().t().contiguous().t()  # column-major storage, same values
-        assert torch.equal(seeded_dropout_rows(xt, P, seeds), rows.detach()), "strided result differs"
-    log.append("masks equal the reference (one seed, per-row seeds, transposed view); values and grads match float64")
+
+def check_ops(log: list[str]) -> None:
+    """Masks equal the CPU reference bit for bit; values and gradients against float64."""
+    problems = []
+    for dtype in DTYPES:
+        for seed in (5, -5, 2**40 + 3, int(torch.randint(-(2**62), 2**62, ()))):
+            x = torch.randn(1000, 1037, device="cuda", dtype=dtype, requires_grad=True)
+            y = seeded_dropout(x, P, seed)
+            mask = keep_mask(torch.tensor(seed), P, x.numel()).view(x.shape).cuda()
+            if bad := _mismatch(y != 0, mask):
+                problems.append(f"one seed {seed} {dtype}: {bad}")
+                continue
+            dy = torch.randn_like(x)
+            if rel_error(y.detach(), _expected(x.detach(), mask)) > 1e-2 or rel_error(
+                _grad(lambda t: seeded_dropout(t, P, seed), x, dy), _expected(dy, mask)
+            ) > 1e-2:
+                problems.append(f"one seed {seed} {dtype}: values or gradient off")
+        x = torch.randn(1000, 1037, device="cuda", dtype=dtype)
+        seeds = torch.randint(-(2**63), 2**63 - 1, (x.shape[0],))
+        rows = seeded_dropout_rows(x, P, seeds.cuda())
+        if bad := _mismatch(rows != 0, keep_mask(seeds, P, x.shape[1])):
+            problems.append(f"per-row {dtype}: {bad}")
+        xt = x.t().contiguous().t()  # column-major storage, same values
+        if not torch.equal(seeded_dropout_rows(xt, P, seeds.cuda()), rows):
+            problems.append(f"transposed {dtype} differs from contiguous")
+    log.append("masks equal the CPU reference (one seed, per-row seeds, transposed view); values and grads match "
+               "float64" if not problems else "MASK CHECK FAILED: " + "; ".join(problems))
+
+
+@triton.jit
+def _philox_words_kernel(out_ptr, seed, BLOCK: tl.constexpr):
+    """tl.philox with the counters the dropout kernel uses: (g, 0, 0, 0) for g < BLOCK."""
+    g = tl.arange(0, BLOCK)
+    c0 = g.to(tl.uint32)
+    zero = c0 * 0
+    w0, w1, w2, w3 = tl.philox(seed, c0, zero, zero, zero)
+    tl.store(out_ptr + g * 4, w0.to(tl.int64) & 0xFFFFFFFF)
+    tl.store(out_ptr + g * 4 + 1, w1.to(tl.int64) & 0xFFFFFFFF)
+    tl.store(out_ptr + g * 4 + 2, w2.to(tl.int64) & 0xFFFFFFFF)
+    tl.store(out_ptr + g * 4 + 3, w3.to(tl.int64) & 0xFFFFFFFF)
+
+
+def diagnose_philox() -> str:
+    """Raw tl.philox words on this GPU against slipstream.ops.philox on the CPU and on the GPU."""
+    results = []
+    for seed in (5, -5, 2**40 + 3, -(2**61) + 12345):
+        out = torch.empty(256 * 4, dtype=torch.int64, device="cuda")
+        _philox_words_kernel[(1,)](out, seed, BLOCK=256)
+        want = torch.stack(philox(seed, torch.arange(256)), dim=1).reshape(-1)
+        on_gpu = torch.stack(philox(torch.tensor(seed, device="cuda"), torch.arange(256, device="cuda")), dim=1)
+        results.append(f"seed {seed}: kernel {'==' if torch.equal(out.cpu(), want) else '!='} CPU reference, "
+                       f"CUDA reference {'==' if torch.equal(on_gpu.reshape(-1).cpu(), want) else '!='} CPU reference")
+    return "; ".join(results)
 
 
 def check_past_int32(log: list[str]) -> None:
@@ -71,13 +118,15 @@ def check_past_int32(log: list[str]) -> None:
     x = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     y = seeded_dropout(x, P, 77)
     tail = 1 << 20
-    assert torch.equal(y[-tail:] != 0, keep_mask(torch.tensor(77, device="cuda"), P, n, start=n - tail)[0])
+    flat = _mismatch(y[-tail:] != 0, keep_mask(torch.tensor(77), P, n, start=n - tail)[0])
     del x, y
     x = torch.randn(65536, 32771, device="cuda", dtype=torch.bfloat16)
-    seeds = torch.randint(0, 2**62, (x.shape[0],), device="cuda")
-    y = seeded_dropout_rows(x, P, seeds)
-    assert torch.equal(y[-3:] != 0, keep_mask(seeds[-3:], P, x.shape[1]))
-    log.append("past 2**31 elements: one-seed and per-row tails match the reference")
+    seeds = torch.randint(0, 2**62, (x.shape[0],))
+    y = seeded_dropout_rows(x, P, seeds.cuda())
+    rows = _mismatch(y[-3:] != 0, keep_mask(seeds[-3:], P, x.shape[1]))
+    del x, y
+    log.append("past 2**31 elements: one-seed and per-row tails match the reference" if not (flat or rows)
+               else f"PAST-2**31 CHECK FAILED: one seed: {flat or 'ok'}; per row: {rows or 'ok'}")
 
 
 class _Block(nn.Module):
@@ -110,7 +159,7 @@ def check_module(log: list[str]) -> None:
     state = {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
     x = torch.randn(64, 256, device="cuda", requires_grad=True)  # reentrant checkpoint needs one
     explained = torch._dynamo.explain(model)(x)
-    assert explained.graph_break_count == 0, explained.break_reasons
+    problems = [] if explained.graph_break_count == 0 else [f"graph breaks: {explained.break_reasons}"]
     reference = _grads_of(model, model, x, state)
     for reentrant in (False, True):
         def checkpointed(h: torch.Tensor, reentrant: bool = reentrant) -> torch.Tensor:
@@ -119,12 +168,15 @@ def check_module(log: list[str]) -> None:
             return h
 
         got = _grads_of(model, checkpointed, x, state)
-        assert all(torch.allclose(a, b) for a, b in zip(got, reference)), f"checkpoint(use_reentrant={reentrant})"
+        if not all(torch.allclose(a, b) for a, b in zip(got, reference)):
+            problems.append(f"checkpoint(use_reentrant={reentrant}) grads differ")
     torch._dynamo.reset()
     compiled = torch.compile(model)
     got = _grads_of(model, compiled, x, state)
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(got, reference)), "torch.compile"
-    log.append("SeededDropout: 0 graph breaks; checkpoint (reentrant and not) and torch.compile match eager grads")
+    if not all(torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in zip(got, reference)):
+        problems.append("torch.compile (inductor) grads differ")
+    log.append("SeededDropout: 0 graph breaks; checkpoint (reentrant and not) and torch.compile match eager grads"
+               if not problems else "MODULE CHECK FAILED: " + "; ".join(problems))
 
 
 def _time_forward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> float:
@@ -157,6 +209,7 @@ def bench_ops(copy_gbs: float, table: Table, targets: list[str]) -> None:
                     fwd * 1e3, fwd_gbs, fwd_gbs / copy_gbs, fwd_bwd * 1e3, fb_gbs, fb_gbs / copy_gbs,
                     results["eager"][1] / fwd_bwd,
                 )
+                print(" | ".join(table.rows[-1]), flush=True)
             fwd, fwd_bwd = results["slipstream"]
             targets.append(
                 f"{shape} {dtype}: forward {gbs(2 * size, fwd) / copy_gbs:.1%} and forward+backward "
@@ -174,8 +227,8 @@ def tune(copy_gbs: float) -> str:
             x = torch.randn(shape, device="cuda", dtype=dtype).view(1, -1)
             out = torch.empty_like(x)
             timings = {}
-            for block in (1024, 2048, 4096, 8192, 16384):
-                for warps in (2, 4, 8, 16):
+            for block in (2048, 4096, 8192):
+                for warps in (4, 8, 16):
                     if not 4 <= block // (32 * warps) <= 64:
                         continue
                     launch = lambda b=block, w=warps: kernels.launch_seeded_dropout(  # noqa: E731
@@ -235,17 +288,24 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     log: list[str] = []
-    check_ops(log)
-    check_past_int32(log)
-    torch.cuda.empty_cache()
-    check_module(log)
+    for check in (check_ops, check_past_int32, check_module):
+        try:
+            check(log)
+        except Exception as error:  # report and go on: the timings are still worth having
+            log.append(f"{check.__name__} RAISED {type(error).__name__}: {error}")
+        torch.cuda.empty_cache()
+        print(log[-1], flush=True)
+    try:
+        log.append("raw Philox words: " + diagnose_philox())
+    except Exception as error:
+        log.append(f"diagnose_philox RAISED {type(error).__name__}: {error}")
+    print(log[-1], flush=True)
     copy_gbs = copy_bandwidth_gbs()
 
     table = Table(["shape", "dtype", "impl", "fwd us", "fwd GB/s", "fwd / copy", "fwd+bwd us", "fwd+bwd GB/s",
                    "fwd+bwd / copy", "fwd+bwd vs eager"])
     targets: list[str] = []
     bench_ops(copy_gbs, table, targets)
-    tuning = tune(copy_gbs) if args.tune else ""
 
     x = torch.randn(SHAPES[0], device="cuda", dtype=torch.bfloat16)
     saved = Table(["impl", "bytes saved for backward", "per element"])
@@ -278,9 +338,12 @@ def main() -> None:
         memory.markdown(),
         "Checks: " + "; ".join(log) + ".",
         "Targets: " + "; ".join(targets) + ".",
-        *([f"Forward kernel alone over tilings (`--tune`):\n\n{tuning}"] if tuning else []),
     ])
-    write_section(args.out, "Seeded (low-memory) dropout", environment_line(command_line()), body)
+    env = environment_line(command_line())
+    write_section(args.out, "Seeded (low-memory) dropout", env, body)
+    if args.tune:  # last: the results above are already written if this runs out of time
+        body += f"\n\nForward kernel alone over tilings (`--tune`):\n\n{tune(copy_gbs)}"
+        write_section(args.out, "Seeded (low-memory) dropout", env, body)
 
 
 if __name__ == "__main__":

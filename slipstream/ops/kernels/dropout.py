@@ -142,9 +142,9 @@ def launch_seeded_dropout(
         seed,
         n_rows,
         n_cols,
-        x.stride(0),
+        x.stride(0) if n_rows > 1 else 0,  # a single row: 0 lets Triton prove 16-byte alignment
         x.stride(1),
-        out.stride(0),
+        out.stride(0) if n_rows > 1 else 0,
         out.stride(1),
         seeds.stride(0) if per_row else 0,
         threshold,
