@@ -7,19 +7,21 @@ otherwise (Achlioptas / Li et al. sparse projections, ``s`` = ``sparsity``), so 
 builds each tile of ``S`` in registers from Philox words and multiplies it on the tensor cores, and
 the PyTorch fallback (:func:`sparse_jl_matrix`) materializes the same matrix bit for bit.
 
-The bits (``docs/sparse_jl.md`` says why this layout):
+The bits (``docs/sparse_jl.md`` says why this layout). Write a row as
+``i = 64 I + 16 c + 8 e + 2 t + b`` and a column as ``j = 256 J + 128 r + 16 w + 8 h + g``:
 
-* Each (row ``i``, 16-column block) owns a 32-bit word ``Z`` of 16 bit pairs; column ``16 c + l``
-  reads pair ``u = l // 2 + 8 (l % 2)``: bit ``2 u`` keeps the entry, bit ``2 u + 1`` is its sign.
-  (This order lets the kernel shift two adjacent columns into bits 14-15 and 30-31 of one word,
-  where they *are* the bf16/fp16 bit patterns of ``0`` or ``+-2``.)
-* Philox calls ``philox(seed, lo32(q), hi32(q), c, STREAM)`` serve the row pair ``q = i // 2``:
-  ``s = 2``: ``Z`` is a Philox word (keep and sign bits are fair coins); call ``c`` covers columns
-  ``32 c .. 32 c + 31`` with words (row ``2q``, first 16), (``2q + 1``, first 16), (``2q``, last 16),
-  (``2q + 1``, last 16). ``s = 8``: call ``c`` covers columns ``16 c .. 16 c + 15`` with words
-  ``A, B`` of row ``2q`` then of row ``2q + 1``, and
-  ``Z = (A & 0xAAAAAAAA) | (A & B & (B >> 1) & 0x55555555)`` (keep = AND of three fair bits).
-  Every Philox word is used.
+* The 16 entries of column ``j`` with rows ``64 I + 2 t + {16 c + 8 e + b}`` share one 32-bit word
+  ``Z`` of 16 (keep, sign) bit pairs: row part ``(c, e, b)`` reads pair ``u = 2 c + e + 8 b``, bit
+  ``2 u`` keeps the entry and bit ``2 u + 1`` is its sign.
+* Philox calls ``philox(seed, lo32(I), hi32(I), C, STREAM | 32 w + 4 g + t)`` give the words.
+  ``s = 2`` (keep and sign are fair coins): ``Z`` is a Philox word; call ``C = J`` gives the words
+  of ``(r, h) = (0, 0), (0, 1), (1, 0), (1, 1)``. ``s = 8``: call ``C = 2 J + r`` gives words
+  ``A, B`` for ``h = 0`` then for ``h = 1`` and ``Z = (A & 0xAAAAAAAA) | (A & B & (B >> 1) & 0x55555555)``
+  (keep = AND of three fair bits). Every Philox word is used.
+
+Those are exactly the elements one thread holds in Hopper's wgmma register operand for ``S.T``
+(bf16: two adjacent rows per register), so each thread expands the words it draws itself. Shifting
+a bit pair into bits 14-15 of a 16-bit lane gives the bf16/fp16 bit pattern of ``0`` or ``+-2``.
 """
 
 from __future__ import annotations
@@ -46,42 +48,38 @@ __all__ = [
 SPARSITIES = (2, 8)
 #: Dtypes the Triton kernel takes (fp32 multiplies in tf32); float64 always runs the PyTorch path.
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: Philox counter word c3 of this op: keeps its stream apart from other ops keyed by the same seed.
-PHILOX_STREAM = 0x4A4C5354
+#: Philox counter word c3 of this op (its low byte holds ``32 w + 4 g + t``): keeps its stream apart
+#: from other ops keyed by the same seed.
+PHILOX_STREAM = 0x4A4C5300
 
 _INT64_MAX = 2**63 - 1
 _EVEN_BITS = 0x55555555
 _ODD_BITS = 0xAAAAAAAA
-_ROWS_PER_CHUNK = 4096  # rows of S the fallback builds at a time (bounds its int64 scratch)
+_ROWS_PER_CHUNK = 1024  # rows of S the fallback builds at a time (bounds its int64 scratch)
 
 
 def _scale(out_features: int, sparsity: int) -> float:
     return math.sqrt(sparsity / out_features)
 
 
-def _pair_words(seed: int, rows: Tensor, n_blocks: int, sparsity: int) -> Tensor:
-    """``Z`` words (int64) of ``rows`` and 16-column blocks ``0 .. n_blocks - 1``: ``(len(rows), n_blocks)``."""
-    pair, second_row = rows[:, None] // 2, (rows[:, None] % 2).bool()
-    lo, hi = split_u64(pair)
-    if sparsity == 2:  # call c: (row 2q, block 2c), (2q + 1, 2c), (2q, 2c + 1), (2q + 1, 2c + 1)
-        calls = torch.arange(-(-n_blocks // 2), device=rows.device)
-        w0, w1, w2, w3 = philox(seed, lo, hi, calls[None, :], PHILOX_STREAM)
-        first, second = torch.where(second_row, w1, w0), torch.where(second_row, w3, w2)
-        return torch.stack([first, second], dim=-1).flatten(1)[:, :n_blocks]
-    calls = torch.arange(n_blocks, device=rows.device)  # s = 8, call c: (A, B) of row 2q, then of 2q + 1
-    w0, w1, w2, w3 = philox(seed, lo, hi, calls[None, :], PHILOX_STREAM)
-    a, b = torch.where(second_row, w2, w0), torch.where(second_row, w3, w1)
-    return (a & _ODD_BITS) | (a & b & (b >> 1) & _EVEN_BITS)
-
-
 def _entry_codes(seed: int, rows: Tensor, out_features: int, sparsity: int) -> Tensor:
     """Entries ``e`` in {-1, 0, 1} (int8) of ``S``'s rows ``rows``, before scaling."""
-    z = _pair_words(seed, rows, -(-out_features // 16), sparsity)
-    lane = torch.arange(16, device=rows.device)
-    pair = lane // 2 + 8 * (lane % 2)
-    bits = (z[:, :, None] >> (2 * pair)) & 3  # (rows, blocks, 16): bit 0 keep, bit 1 sign
-    codes = (bits & 1) * (1 - (bits >> 1) * 2)
-    return codes.flatten(1)[:, :out_features].to(torch.int8)
+    i = rows[:, None]
+    j = torch.arange(out_features, device=rows.device)[None, :]
+    lo, hi = split_u64(i // 64)
+    stream = PHILOX_STREAM | ((j % 128) // 16) << 5 | (j % 8) << 2 | (i % 8) // 2
+    h = (j % 16) // 8
+    if sparsity == 2:
+        z = torch.stack(philox(seed, lo, hi, j // 256, stream), dim=-1)
+        z = z.gather(-1, (2 * ((j % 256) // 128) + h).expand(len(rows), -1)[..., None])[..., 0]
+    else:
+        words = torch.stack(philox(seed, lo, hi, j // 128, stream), dim=-1)
+        a = words.gather(-1, (2 * h).expand(len(rows), -1)[..., None])[..., 0]
+        b = words.gather(-1, (2 * h + 1).expand(len(rows), -1)[..., None])[..., 0]
+        z = (a & _ODD_BITS) | (a & b & (b >> 1) & _EVEN_BITS)
+    pair = 2 * ((i % 64) // 16) + (i % 16) // 8 + 8 * (i % 2)
+    bits = (z >> (2 * pair)) & 3  # bit 0 keep, bit 1 sign
+    return ((bits & 1) * (1 - (bits >> 1) * 2)).to(torch.int8)
 
 
 def sparse_jl_matrix(

@@ -34,59 +34,61 @@ def _keep_and_sign(a, b):
 
 
 @triton.jit
-def _pair_words(seed, first_row, first_col, BLOCKS: tl.constexpr, SPARSITY: tl.constexpr):
-    """``Z`` words ``[2 (row in pair), 2 (16-column half), BLOCKS, 32]`` of 64 rows and 32 x BLOCKS columns.
+def _column_words(seed, first_row, first_col, COLS: tl.constexpr, SPARSITY: tl.constexpr):
+    """``Z`` words of rows ``first_row + [0, 64)``, columns ``first_col + [0, COLS)``: ``[w, g, t, h, r]``.
 
-    Lane ``a`` draws rows ``first_row + 2a + {0, 1}``, warp ``c`` columns ``first_col + 32c + [0, 32)``:
-    every Philox call is made by exactly one thread (with ``BLOCKS`` = warps).
+    Shape ``[8, 8, 4, 2, COLS // 128]``; the first three dimensions index the Philox call, the last
+    two its words (column ``128 r + 16 w + 8 h + g`` of the block, rows ``2 t + ...``).
     """
-    pairs = first_row // 2 + tl.arange(0, 32).to(tl.int64)
-    zero = tl.zeros([BLOCKS, 32], dtype=tl.uint32)
-    c0 = zero + (pairs & 0xFFFFFFFF).to(tl.uint32)[None, :]
-    c1 = zero + (pairs >> 32).to(tl.uint32)[None, :]
-    block = zero + (first_col // 32 + tl.arange(0, BLOCKS)).to(tl.uint32)[:, None]
-    if SPARSITY == 2:  # words: (row 2q, first half), (2q + 1, first), (2q, second), (2q + 1, second)
-        z00, z10, z01, z11 = tl.philox(seed, c0, c1, block, zero + _STREAM)
-    else:  # s = 8: one call per 16 columns, words (A, B) of row 2q then of row 2q + 1
-        a0, b0, a1, b1 = tl.philox(seed, c0, c1, 2 * block, zero + _STREAM)
-        z00, z10 = _keep_and_sign(a0, b0), _keep_and_sign(a1, b1)
-        a0, b0, a1, b1 = tl.philox(seed, c0, c1, 2 * block + 1, zero + _STREAM)
-        z01, z11 = _keep_and_sign(a0, b0), _keep_and_sign(a1, b1)
-    return tl.permute(tl.join(tl.join(z00, z01), tl.join(z10, z11)), (3, 2, 0, 1))
+    w = tl.arange(0, 8)[:, None, None]
+    g = tl.arange(0, 8)[None, :, None]
+    t = tl.arange(0, 4)[None, None, :]
+    zero = tl.zeros([8, 8, 4], dtype=tl.uint32)
+    stream = zero + ((w << 5) | (g << 2) | t | _STREAM).to(tl.uint32)
+    row_block = tl.cast(first_row, tl.int64) // 64
+    lo = zero + (row_block & 0xFFFFFFFF).to(tl.uint32)
+    hi = zero + (row_block >> 32).to(tl.uint32)
+    if SPARSITY == 2:  # words of (r, h) = (0, 0), (0, 1), (1, 0), (1, 1)
+        w0, w1, w2, w3 = tl.philox(seed, lo, hi, zero + tl.cast(first_col // 256, tl.uint32), stream)
+        if COLS == 256:
+            z = tl.join(tl.join(w0, w1), tl.join(w2, w3))
+        else:  # the block holds one r
+            second = (first_col // 128) % 2 == 1
+            z = tl.join(tl.where(second, w2, w0), tl.where(second, w3, w1))[:, :, :, :, None]
+    else:  # s = 8: call 2J + r gives (A, B) for h = 0, then for h = 1
+        a0, b0, a1, b1 = tl.philox(seed, lo, hi, zero + tl.cast(first_col // 128, tl.uint32), stream)
+        z = tl.join(_keep_and_sign(a0, b0), _keep_and_sign(a1, b1))[:, :, :, :, None]
+        if COLS == 256:
+            a0, b0, a1, b1 = tl.philox(seed, lo, hi, zero + tl.cast(first_col // 128 + 1, tl.uint32), stream)
+            z = tl.join(z, tl.join(_keep_and_sign(a0, b0), _keep_and_sign(a1, b1))[:, :, :, :, None])
+            z = tl.reshape(z, [8, 8, 4, 2, 2])
+    return z
 
 
 @triton.jit
-def _sign_block(seed, first_row, first_col, BLOCKS: tl.constexpr, SPARSITY: tl.constexpr,
+def _sign_block(seed, first_row, first_col, COLS: tl.constexpr, SPARSITY: tl.constexpr,
                 DTYPE: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """``(2 / scale) * S[first_row:+64, first_col:+32 BLOCKS]`` (its transpose if ``TRANSPOSED``).
+    """``(2 / scale) * S[first_row:+64, first_col:+COLS].T`` (untransposed if ``TRANSPOSED``).
 
     Entries are bit patterns made with shifts and masks, no compares or conversions: bits 14 and 15
-    of a 16-bit lane (30 and 31 of a 32-bit one) are an entry's keep and sign bits, which makes it
-    exactly ``0``, ``+2`` or ``-2`` (``-0`` when a dropped entry's sign bit is set). Each thread
-    expands its own words into 2 rows x 32 adjacent columns held in registers, so the block reaches
-    shared memory in 16-byte stores along columns, with no layout conversion on the way.
+    of a 16-bit lane are an entry's keep and sign bits, which makes it exactly ``0``, ``+2`` or ``-2``
+    (``-0`` when a dropped entry's sign bit is set); fp32 takes the same patterns shifted up 16 bits.
+    The words of one Philox call expand into exactly the elements one thread holds of wgmma's
+    register operand ``S.T`` (two adjacent rows per 32-bit register), so in the projection the block
+    never leaves registers. (The transpose's operand ``S`` and tf32's layout need one shuffle.)
     """
-    z = tl.expand_dims(_pair_words(seed, first_row, first_col, BLOCKS, SPARSITY), 2)
-    if DTYPE.primitive_bitwidth == 16:  # one 32-bit word makes columns 2e (low half) and 2e + 1 (high)
-        e = tl.arange(0, 8).to(tl.uint32)[None, None, :, None, None]
-        pairs = (z << (14 - 2 * e)) & 0xC000C000
-        # dims: row in pair, half, e, block (warp), row pair (lane), low/high
-        entries = tl.join(pairs.to(tl.uint16), (pairs >> 16).to(tl.uint16))
-        if TRANSPOSED:
-            entries = tl.permute(entries, (3, 1, 2, 5, 4, 0))
-        else:
-            entries = tl.permute(entries, (4, 0, 3, 1, 2, 5))
-    else:  # column l of a half reads bit pair u = l // 2 + 8 (l % 2)
-        lane = tl.arange(0, 16).to(tl.uint32)[None, None, :, None, None]
-        entries = (z << (30 - 2 * (lane // 2 + 8 * (lane % 2)))) & 0xC0000000
-        if TRANSPOSED:
-            entries = tl.permute(entries, (3, 1, 2, 4, 0))
-        else:
-            entries = tl.permute(entries, (4, 0, 3, 1, 2))
-    if TRANSPOSED:
-        block = tl.reshape(entries, [32 * BLOCKS, 64])
+    REPS: tl.constexpr = COLS // 128
+    z = _column_words(seed, first_row, first_col, COLS, SPARSITY)[:, :, :, :, :, None]
+    pair = tl.arange(0, 8).to(tl.uint32)[None, None, None, None, None, :]
+    both = (z << (14 - 2 * pair)) & 0xC000C000  # low half: row bit b = 0, high half: b = 1
+    entries = tl.join(both.to(tl.uint16), (both >> 16).to(tl.uint16))
+    entries = tl.reshape(entries, [8, 8, 4, 2, REPS, 4, 2, 2])  # w, g, t, h, r, c, e, b
+    if TRANSPOSED:  # rows 16 c + 8 e + 2 t + b, columns 128 r + 16 w + 8 h + g
+        block = tl.reshape(tl.permute(entries, (5, 6, 2, 7, 4, 0, 3, 1)), [64, COLS])
     else:
-        block = tl.reshape(entries, [64, 32 * BLOCKS])
+        block = tl.reshape(tl.permute(entries, (4, 0, 3, 1, 5, 6, 2, 7)), [COLS, 64])
+    if DTYPE.primitive_bitwidth == 32:
+        block = block.to(tl.uint32) << 16
     return block.to(DTYPE, bitcast=True)
 
 
@@ -119,9 +121,9 @@ def _projection_kernel(
         a_t = tl.load(a_ptr + rr[:, None] * stride_ar + rm[None, :] * stride_am,
                       mask=(rr[:, None] < R) & (rm[None, :] < M), other=0.0)
         if TRANSPOSED:  # out columns are rows of S: the block of S itself
-            s = _sign_block(seed, first_n, r0, BLOCK_R // 32, SPARSITY, a_t.dtype, False)
+            s = _sign_block(seed, first_n, r0, BLOCK_R, SPARSITY, a_t.dtype, True)
         else:
-            s = _sign_block(seed, r0, first_n, BLOCK_N // 32, SPARSITY, a_t.dtype, True)
+            s = _sign_block(seed, r0, first_n, BLOCK_N, SPARSITY, a_t.dtype, False)
         if DOT_IN_FP32:  # Triton's CPU interpreter multiplies bf16 operands as raw 16-bit integers
             acc = tl.dot(s.to(tl.float32), a_t.to(tl.float32), acc)
         else:
@@ -137,7 +139,7 @@ class TileConfig:
     """Launch shape of :func:`_projection_kernel`; ``split`` programs share each output tile's reduction.
 
     A generated block always spans 64 rows of ``S``: ``block_r`` is 64 for the projection and
-    ``block_n`` is 64 for the transpose; the other ``S`` side is a multiple of 32.
+    ``block_n`` is 64 for the transpose; the block's other side (columns of ``S``) is 128 or 256.
     """
 
     block_m: int
@@ -148,10 +150,13 @@ class TileConfig:
     split: int = 1
 
 
-_PROJECT_16BIT = TileConfig(256, 128, 64, 8, 3)
-_PROJECT_FP32 = TileConfig(128, 128, 64, 4, 3)
+# Fastest shapes of the H100 sweep in ``benchmarks/sparse_jl.py`` (docs/benchmarks.md).
+_PROJECT_16BIT = TileConfig(128, 256, 64, 8, 3)
+_PROJECT_FP32 = TileConfig(256, 128, 64, 8, 2)
 _TRANSPOSE = TileConfig(128, 64, 128, 4, 3)
-_INTERPRETER = TileConfig(16, 64, 64, 2, 1)  # Triton's CPU interpreter: small tiles keep tests fast
+# Triton's CPU interpreter: small tiles keep the tests fast.
+_INTERPRETER_PROJECT = TileConfig(16, 128, 64, 2, 1)
+_INTERPRETER_TRANSPOSE = TileConfig(16, 64, 128, 2, 1)
 
 
 def with_split(config: TileConfig, m: int, n: int, r: int, sm_count: int) -> TileConfig:
@@ -173,10 +178,10 @@ def choose_config(m: int, n: int, r: int, transposed: bool, dtype: torch.dtype, 
 
     Example:
         >>> choose_config(4096, 1024, 65536, False, torch.bfloat16, 132)
-        TileConfig(block_m=256, block_n=128, block_r=64, num_warps=8, num_stages=3, split=1)
+        TileConfig(block_m=128, block_n=256, block_r=64, num_warps=8, num_stages=3, split=1)
     """
     if interpreting():
-        return _INTERPRETER
+        return _INTERPRETER_TRANSPOSE if transposed else _INTERPRETER_PROJECT
     config = _TRANSPOSE if transposed else (_PROJECT_FP32 if dtype == torch.float32 else _PROJECT_16BIT)
     return with_split(config, m, n, r, sm_count)
 
