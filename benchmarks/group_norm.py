@@ -2,21 +2,26 @@
 plus a timm ``resnet50_gn`` training step with and without Low Precision GroupNorm.
 
 Run: ``PYTHONPATH=. python benchmarks/group_norm.py --out OUTDIR`` (writes ``group_norm.md``,
-``group_norm.json`` and ``group_norm.png`` there). ``--dtypes``, ``--impls`` and ``--no-model``
-run a part (each part measures its own copy bandwidth).
+``group_norm.json`` and ``group_norm.png`` there, rewritten as each part finishes). ``--dtypes``,
+``--impls``, ``--no-model`` and ``--sweep`` choose the parts.
 
 Each timed call (forward, or forward + backward through ``torch.autograd.grad``) is captured in a
 CUDA graph and its replays are timed with ``do_bench`` (median, L2 flushed before each replay), so
 the numbers are GPU time, not Python launch overhead; every implementation is timed the same way.
 The forward pass is the training one (inputs require grad). Effective bandwidth counts
 2 x numel x element size forward and 5x forward + backward (see ``benchmarks/common.py``).
+``torch.compile`` compiles each case statically; its compile cache is warmed by parallel worker
+processes first, which only shortens the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
+import math
+import multiprocessing
 import os
 from typing import Callable, Optional
 
@@ -31,12 +36,35 @@ from slipstream.ops.group_norm import group_norm
 SHAPES = [((16, 256, 64, 64), 32), ((8, 512, 32, 32), 32), ((4, 128, 128, 128), 32), ((2, 320, 96, 96), 32),
           ((32, 64, 56, 56), 8)]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 IMPLS = ["slipstream", "eager", "compile", "liger"]
 # Relative error allowed against float64 (outputs and dx), by dtype.
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float32: 1e-4}
 EPS = 1e-5
+# do_bench budget per timing (ms): the replays are short, a few hundred fit.
+WARMUP_MS, REP_MS = 10, 50
+# Kernel settings the sweep tries (module constants of slipstream.ops.kernels.group_norm).
+SWEEP_THREADS_AND_COMBINE = list(itertools.product([32, 64], [0, 512, 10**9]))
+SWEEP_ROW_BYTES = [64, 256, 1 << 20]
 
 Norm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_inputs(shape, dtype, layout, seed=0):
+    """x (requires grad), weight, bias and dy on the GPU, random (never zeros)."""
+    torch.manual_seed(seed)
+    x = (torch.randn(shape, device="cuda") * 2 + 0.5).to(dtype).to(memory_format=LAYOUTS[layout]).requires_grad_()
+    w = (torch.randn(shape[1], device="cuda") + 1).to(dtype).requires_grad_()
+    b = torch.randn(shape[1], device="cuda").to(dtype).requires_grad_()
+    return x, w, b, torch.randn_like(x)
+
+
+def eager_norm(num_groups: int, silu: bool) -> Norm:
+    def norm(x, w, b):
+        y = F.group_norm(x, num_groups, w, b, EPS)
+        return F.silu(y) if silu else y
+
+    return norm
 
 
 def _liger_function():
@@ -50,18 +78,13 @@ def _liger_function():
 
 def make_norms(num_groups: int, silu: bool, impls: list[str]) -> dict[str, Norm]:
     """The implementations to compare, each ``(x, weight, bias) -> y``."""
-
-    def eager(x, w, b):
-        y = F.group_norm(x, num_groups, w, b, EPS)
-        return F.silu(y) if silu else y
-
     norms: dict[str, Norm] = {}
     if "slipstream" in impls:
         norms["slipstream"] = lambda x, w, b: group_norm(x, num_groups, w, b, EPS, "silu" if silu else None)
     if "eager" in impls:
-        norms["eager"] = eager
+        norms["eager"] = eager_norm(num_groups, silu)
     if "compile" in impls:
-        norms["compile"] = torch.compile(eager, dynamic=False)
+        norms["compile"] = torch.compile(eager_norm(num_groups, silu), dynamic=False)
     liger = _liger_function() if "liger" in impls else None
     if liger is not None:  # Liger has no fused activation: its norm, then PyTorch's SiLU
 
@@ -74,12 +97,11 @@ def make_norms(num_groups: int, silu: bool, impls: list[str]) -> dict[str, Norm]
 
 
 def graphed(step: Callable[[], object]) -> Callable[[], None]:
-    """``step`` captured in a CUDA graph (after warm-up on a side stream); returns the replay."""
+    """``step`` captured in a CUDA graph (after a warm-up run on a side stream); returns the replay."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
+        step()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -87,48 +109,61 @@ def graphed(step: Callable[[], object]) -> Callable[[], None]:
     return graph.replay
 
 
-def check(norm: Norm, x, w, b, dy, silu: bool, num_groups: int) -> tuple[float, float]:
-    """Relative errors of ``y`` and ``dx`` against float64 autograd on the same inputs."""
-    y = norm(x, w, b)
-    dx = torch.autograd.grad(y, x, dy)[0]
-    x64 = x.detach().double().requires_grad_()
-    y64 = F.group_norm(x64, num_groups, w.detach().double(), b.detach().double(), EPS)
-    y64 = F.silu(y64) if silu else y64
-    dx64 = torch.autograd.grad(y64, x64, dy.double())[0]
-    return rel_error(y, y64), rel_error(dx, dx64)
+def bench(step: Callable[[], object]) -> float:
+    return do_bench_median(graphed(step), warmup_ms=WARMUP_MS, rep_ms=REP_MS)
+
+
+def _cases(dtypes: list[str]):
+    for shape, num_groups in SHAPES:
+        for dtype_name in dtypes:
+            for layout in LAYOUTS:
+                for silu in (False, True):
+                    yield shape, num_groups, dtype_name, layout, silu
+
+
+def _compile_case(case) -> None:
+    """Worker process: compile and run one case once, filling torch.compile's on-disk caches."""
+    shape, num_groups, dtype_name, layout, silu = case
+    x, w, b, dy = make_inputs(shape, DTYPES[dtype_name], layout)
+    norm = torch.compile(eager_norm(num_groups, silu), dynamic=False)
+    torch.autograd.grad(norm(x, w, b), (x, w, b), dy)
+    torch.cuda.synchronize()
+
+
+def warm_compile_cache(dtypes: list[str], workers: int):
+    """Start compiling every case in ``workers`` spawned processes; returns the pending result."""
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "2")  # the workers share the host's cores
+    pool = multiprocessing.get_context("spawn").Pool(workers)
+    result = pool.map_async(_compile_case, list(_cases(dtypes)))
+    pool.close()
+    return pool, result
 
 
 def bench_norms(dtypes: list[str], impls: list[str], copy_gbs: float) -> list[dict]:
     results = []
-    for shape, num_groups in SHAPES:
-        for dtype_name in dtypes:
-            dtype = DTYPES[dtype_name]
-            for layout in ("contiguous", "channels_last"):
-                fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-                for silu in (False, True):
-                    torch.manual_seed(0)
-                    x = (torch.randn(shape, device="cuda") * 2 + 0.5).to(dtype).to(memory_format=fmt).requires_grad_()
-                    w = (torch.randn(shape[1], device="cuda") + 1).to(dtype).requires_grad_()
-                    b = torch.randn(shape[1], device="cuda").to(dtype).requires_grad_()
-                    dy = torch.randn_like(x)
-                    nbytes = x.numel() * x.element_size()
-                    for name, norm in make_norms(num_groups, silu, impls).items():
-                        row = dict(shape=list(shape), groups=num_groups, dtype=dtype_name, layout=layout,
-                                   silu=silu, impl=name)
-                        try:
-                            err_y, err_dx = check(norm, x, w, b, dy, silu, num_groups)
-                            fwd = graphed(lambda: norm(x, w, b))
-                            both = graphed(lambda: torch.autograd.grad(norm(x, w, b), (x, w, b), dy))
-                            ms_f, ms_fb = do_bench_median(fwd), do_bench_median(both)
-                        except Exception as error:  # a peer that cannot run this case
-                            print(f"{row}: {error!r}")
-                            continue
-                        row.update(err_y=err_y, err_dx=err_dx, ok=max(err_y, err_dx) < TOLERANCE[dtype],
-                                   fwd_ms=ms_f, fwd_bwd_ms=ms_fb, fwd_gbs=gbs(2 * nbytes, ms_f),
-                                   fwd_bwd_gbs=gbs(5 * nbytes, ms_fb))
-                        row["fwd_bwd_copy_frac"] = row["fwd_bwd_gbs"] / copy_gbs
-                        print(json.dumps(row), flush=True)
-                        results.append(row)
+    for shape, num_groups, dtype_name, layout, silu in _cases(dtypes):
+        dtype = DTYPES[dtype_name]
+        x, w, b, dy = make_inputs(shape, dtype, layout)
+        x64 = x.detach().double().requires_grad_()
+        y64 = eager_norm(num_groups, silu)(x64, w.detach().double(), b.detach().double())
+        dx64 = torch.autograd.grad(y64, x64, dy.double())[0]
+        nbytes = x.numel() * x.element_size()
+        for name, norm in make_norms(num_groups, silu, impls).items():
+            row = dict(shape=list(shape), groups=num_groups, dtype=dtype_name, layout=layout, silu=silu, impl=name)
+            try:
+                y = norm(x, w, b)
+                err_y, err_dx = rel_error(y, y64), rel_error(torch.autograd.grad(y, x, dy)[0], dx64)
+                ms_f = bench(lambda: norm(x, w, b))
+                ms_fb = bench(lambda: torch.autograd.grad(norm(x, w, b), (x, w, b), dy))
+            except Exception as error:  # a peer that cannot run this case
+                print(f"{row}: {error!r}")
+                continue
+            row.update(err_y=err_y, err_dx=err_dx, ok=max(err_y, err_dx) < TOLERANCE[dtype],
+                       fwd_ms=ms_f, fwd_bwd_ms=ms_fb, fwd_gbs=gbs(2 * nbytes, ms_f), fwd_bwd_gbs=gbs(5 * nbytes, ms_fb))
+            row["fwd_bwd_copy_frac"] = row["fwd_bwd_gbs"] / copy_gbs
+            print(json.dumps(row), flush=True)
+            results.append(row)
+        del x, w, b, dy, x64, y64, dx64
     return results
 
 
@@ -158,32 +193,48 @@ def norm_tables(results: list[dict], copy_gbs: float) -> str:
     return "\n\n".join(text)
 
 
-def plot(results: list[dict], copy_gbs: float, path: str) -> None:
-    """Forward + backward effective bandwidth as a fraction of copy bandwidth, one panel per dtype."""
-    import matplotlib
+def sweep(copy_gbs: float) -> str:
+    """Time the kernels under each setting to sweep (bf16, no activation); keep the fastest settings.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Settings are chosen by the geometric mean of forward + backward bandwidth over the benchmark's
+    shapes: threads per program and when the last program of a set combines (all layouts), then the
+    shortest row run of a channels_last tile (channels_last shapes).
+    """
+    from slipstream.ops.kernels import group_norm as kernels
 
-    dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in results)]
-    impls = [i for i in IMPLS if any(r["impl"] == i for r in results)]
-    fig, axes = plt.subplots(len(dtypes), 1, figsize=(14, 4.5 * len(dtypes)), squeeze=False)
-    for ax, dtype in zip(axes[:, 0], dtypes):
-        rows = [r for r in results if r["dtype"] == dtype and not r["silu"]]
-        labels = list(dict.fromkeys(f"{'x'.join(map(str, r['shape']))}\nG={r['groups']} {r['layout']}" for r in rows))
-        width = 0.8 / len(impls)
-        for k, impl in enumerate(impls):
-            values = {f"{'x'.join(map(str, r['shape']))}\nG={r['groups']} {r['layout']}": r["fwd_bwd_copy_frac"]
-                      for r in rows if r["impl"] == impl}
-            ax.bar([i + k * width for i in range(len(labels))], [values.get(lbl, 0) for lbl in labels], width,
-                   label=impl)
-        ax.axhline(0.7, color="gray", linestyle="--", linewidth=1, label="70% of copy")
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, fontsize=7)
-        ax.set_ylabel("fraction of copy bandwidth")
-        ax.set_title(f"GroupNorm forward + backward, {dtype}, no activation (copy {copy_gbs:.0f} GB/s)")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    def measure(layouts) -> float:
+        rates = []
+        for shape, num_groups in SHAPES:
+            for layout in layouts:
+                x, w, b, dy = (t.detach() for t in make_inputs(shape, torch.bfloat16, layout))
+                y, mean, rstd = kernels.forward(x, w, b, num_groups, EPS, False, x.dtype)
+                ms_f = bench(lambda: kernels.forward(x, w, b, num_groups, EPS, False, x.dtype))
+                ms_b = bench(lambda: kernels.backward(dy, x, w, b, mean, rstd, num_groups, False))
+                rates.append(gbs(5 * x.numel() * x.element_size(), ms_f + ms_b))
+        return math.exp(sum(map(math.log, rates)) / len(rates))
+
+    table = Table(["ELEMENTS_PER_THREAD", "LAST_COMBINE_MIN_PARTIALS", "MIN_RUN_BYTES", "layouts",
+                   "fwd+bwd GB/s (geomean)", "/ copy"])
+    best = None
+    for threads, combine in SWEEP_THREADS_AND_COMBINE:
+        kernels.ELEMENTS_PER_THREAD, kernels.LAST_COMBINE_MIN_PARTIALS = threads, combine
+        rate = measure(list(LAYOUTS))
+        table.add(threads, combine, kernels.MIN_RUN_BYTES, "both", rate, rate / copy_gbs)
+        print(table.rows[-1], flush=True)
+        best = max(best or (rate, threads, combine), (rate, threads, combine))
+    kernels.ELEMENTS_PER_THREAD, kernels.LAST_COMBINE_MIN_PARTIALS = best[1], best[2]
+    best_run = None
+    for run in SWEEP_ROW_BYTES:
+        kernels.MIN_RUN_BYTES = run
+        rate = measure(["channels_last"])
+        table.add(best[1], best[2], run, "channels_last", rate, rate / copy_gbs)
+        print(table.rows[-1], flush=True)
+        best_run = max(best_run or (rate, run), (rate, run))
+    kernels.MIN_RUN_BYTES = best_run[1]
+    chosen = (f"Chosen: ELEMENTS_PER_THREAD={best[1]}, LAST_COMBINE_MIN_PARTIALS={best[2]}, "
+              f"MIN_RUN_BYTES={best_run[1]} (used for everything below).")
+    print(chosen, flush=True)
+    return f"### Kernel settings sweep (bf16, no activation, kernels alone)\n\n{table.markdown()}\n\n{chosen}"
 
 
 def resnet50_gn_step(batch: int = 64, steps: int = 20) -> str:
@@ -243,33 +294,79 @@ def resnet50_gn_step(batch: int = 64, steps: int = 20) -> str:
     return table.markdown()
 
 
+def plot(results: list[dict], copy_gbs: float, path: str) -> None:
+    """Forward + backward effective bandwidth as a fraction of copy bandwidth, one panel per dtype."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in results)]
+    impls = [i for i in IMPLS if any(r["impl"] == i for r in results)]
+    fig, axes = plt.subplots(len(dtypes), 1, figsize=(14, 4.5 * len(dtypes)), squeeze=False)
+    for ax, dtype in zip(axes[:, 0], dtypes):
+        rows = [r for r in results if r["dtype"] == dtype and not r["silu"]]
+        label = lambda r: f"{'x'.join(map(str, r['shape']))}\nG={r['groups']} {r['layout']}"  # noqa: E731
+        labels = list(dict.fromkeys(label(r) for r in rows))
+        width = 0.8 / len(impls)
+        for k, impl in enumerate(impls):
+            values = {label(r): r["fwd_bwd_copy_frac"] for r in rows if r["impl"] == impl}
+            ax.bar([i + k * width for i in range(len(labels))], [values.get(lbl, 0) for lbl in labels], width,
+                   label=impl)
+        ax.axhline(0.7, color="gray", linestyle="--", linewidth=1, label="70% of copy")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, fontsize=7)
+        ax.set_ylabel("fraction of copy bandwidth")
+        ax.set_title(f"GroupNorm forward + backward, {dtype}, no activation (copy {copy_gbs:.0f} GB/s)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="folder for group_norm.md/.json/.png")
     parser.add_argument("--dtypes", default="bf16,fp32", help="comma list of " + ",".join(DTYPES))
     parser.add_argument("--impls", default=",".join(IMPLS), help="comma list of " + ",".join(IMPLS))
-    parser.add_argument("--no-norms", action="store_true", help="skip the norm table")
+    parser.add_argument("--no-norms", action="store_true", help="skip the norm tables")
     parser.add_argument("--no-model", action="store_true", help="skip the resnet50_gn step")
+    parser.add_argument("--sweep", action="store_true", help="sweep the kernel settings first and use the best")
+    parser.add_argument("--compile-workers", type=int, default=8, help="processes warming torch.compile's cache")
     args = parser.parse_args(argv)
+    dtypes, impls = args.dtypes.split(","), args.impls.split(",")
     torch._dynamo.config.cache_size_limit = 256  # one static compile per case
+    warming = None
+    if not args.no_norms and "compile" in impls and args.compile_workers > 0:
+        warming = warm_compile_cache(dtypes, args.compile_workers)
     copy_gbs = copy_bandwidth_gbs()
     print(f"copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
     body = [f"Copy bandwidth (read + write) measured in this run: {copy_gbs:.0f} GB/s."]
-    results = []
-    if not args.no_norms:
-        results = bench_norms(args.dtypes.split(","), args.impls.split(","), copy_gbs)
-        body.append(norm_tables(results, copy_gbs))
+    results: list[dict] = []
+
+    def write() -> None:  # after every part, so a cut-off run still leaves what it measured
+        out_md = None
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            out_md = os.path.join(args.out, "group_norm.md")
+            with open(os.path.join(args.out, "group_norm.json"), "w") as f:
+                json.dump(dict(copy_gbs=copy_gbs, results=results), f)
+            if results:
+                plot(results, copy_gbs, os.path.join(args.out, "group_norm.png"))
+        tables = [norm_tables(results, copy_gbs)] if results else []
+        write_section(out_md, "GroupNorm", environment_line(command_line()), "\n\n".join(body + tables))
+
+    if args.sweep:
+        body.append(sweep(copy_gbs))
+        write()
+    if warming is not None:  # before the model step, whose eager timing shares the host's cores
+        pool, pending = warming
+        pending.wait()
+        pool.join()
     if not args.no_model:
         body.append("### timm resnet50_gn training step (bf16 autocast, channels_last, AdamW)\n\n" + resnet50_gn_step())
-    out_md = None
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        out_md = os.path.join(args.out, "group_norm.md")
-        with open(os.path.join(args.out, "group_norm.json"), "w") as f:
-            json.dump(dict(copy_gbs=copy_gbs, results=results), f)
-        if results:
-            plot(results, copy_gbs, os.path.join(args.out, "group_norm.png"))
-    write_section(out_md, "GroupNorm", environment_line(command_line()), "\n\n".join(body))
+        write()
+    for dtype in dtypes if not args.no_norms else []:
+        results += bench_norms([dtype], impls, copy_gbs)
+        write()
 
 
 if __name__ == "__main__":

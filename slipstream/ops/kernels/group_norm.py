@@ -44,8 +44,10 @@ BACKWARD_TILE = 4096
 ELEMENTS_PER_THREAD = 32
 # Partials a program reads per step when combining a set.
 COMBINE_BLOCK = 128
-# Fused launch: the last program of a set to arrive combines the partials (else every program does).
-LAST_ARRIVER_COMBINES = True
+# Fused launch: from this many partial values per set (programs x groups per tile) on, the last
+# program of a set to arrive combines them and the others wait for its result; below, every program
+# combines them itself (one memory round trip less, K x more reads).
+LAST_COMBINE_MIN_PARTIALS = 512
 # Shortest contiguous run (bytes) a tile reads from each row of a channels_last tensor.
 MIN_RUN_BYTES = 64
 
@@ -433,24 +435,32 @@ class _Plan(NamedTuple):
     fused: bool
     num_warps: int
     channels_last: bool
+    last_combines: bool  # fused sets: the last program to arrive combines the partials
 
 
 def _plan(x: torch.Tensor, num_groups: int, tile: int) -> _Plan:
     n, c = x.shape[:2]
     s = x.numel() // (n * c)
-    cg = c // num_groups
-    sxn, sxc, sxs = _ncs_strides(x)
-    channels_last = sxc < sxs and c > 1 and s > 1
+    _, sxc, sxs = _ncs_strides(x)
     # the interpreter runs programs one at a time, so its programs can never wait at a barrier
     max_per_set = 0 if interpreting() else _max_fused_set(x.device.index or 0)
-    shape = tile_shape(num_groups, cg, s, channels_last, x.element_size(), tile, max_per_set or cg * s, MIN_RUN_BYTES)
+    return _cached_plan(n, c, s, sxc < sxs and c > 1 and s > 1, x.element_size(), num_groups, tile, max_per_set,
+                        MIN_RUN_BYTES, ELEMENTS_PER_THREAD, LAST_COMBINE_MIN_PARTIALS)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_plan(n: int, c: int, s: int, channels_last: bool, element_size: int, num_groups: int, tile: int,
+                 max_per_set: int, min_run_bytes: int, elements_per_thread: int, last_min_partials: int) -> _Plan:
+    cg = c // num_groups
+    shape = tile_shape(num_groups, cg, s, channels_last, element_size, tile, max_per_set or cg * s, min_run_bytes)
     n_gblocks = triton.cdiv(num_groups, shape.groups)
     n_schunks = triton.cdiv(s, shape.positions)
     per_set = triton.cdiv(cg, shape.channels) * n_schunks
     fused = per_set == 1 or per_set <= max_per_set  # a set of one program never waits
     elements = shape.groups * shape.channels * shape.positions
-    num_warps = max(1, min(16, elements // (32 * ELEMENTS_PER_THREAD)))
-    return _Plan(shape, n_gblocks, n_schunks, per_set, n * n_gblocks, fused, num_warps, channels_last)
+    num_warps = max(1, min(16, elements // (32 * elements_per_thread)))
+    last_combines = per_set * shape.groups >= last_min_partials
+    return _Plan(shape, n_gblocks, n_schunks, per_set, n * n_gblocks, fused, num_warps, channels_last, last_combines)
 
 
 def _set_buffers(x: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -517,7 +527,7 @@ def forward(
             *_ncs_strides(x), *_ncs_strides(y), eps,
             CG=cg, GB=t.groups, CB=t.channels, SB=t.positions, KB=_combine_block(plan), CL=plan.channels_last,
             HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
-            STATS=stats, APPLY=apply, WAIT=wait, LAST=LAST_ARRIVER_COMBINES, num_warps=plan.num_warps,
+            STATS=stats, APPLY=apply, WAIT=wait, LAST=plan.last_combines, num_warps=plan.num_warps,
         )
     return y, mean, rstd
 
@@ -561,7 +571,7 @@ def backward(
             *_ncs_strides(x), *_ncs_strides(dy), *_ncs_strides(dx),
             CG=cg, GB=t.groups, CB=t.channels, SB=t.positions, KB=_combine_block(plan), CL=plan.channels_last,
             HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, PARAM_GRADS=param_grads,
-            STATS=stats, APPLY=apply, WAIT=wait, LAST=LAST_ARRIVER_COMBINES, num_warps=plan.num_warps,
+            STATS=stats, APPLY=apply, WAIT=wait, LAST=plan.last_combines, num_warps=plan.num_warps,
         )
     if not param_grads:
         return dx, None, None
