@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import multiprocessing
+import statistics
 import time
 from typing import Callable, Optional
 
@@ -250,47 +251,96 @@ def peers() -> dict[str, Callable]:
     return found
 
 
-def time_peers(report: list, copy_gbs: float, dtype_names: list[str]) -> list[dict]:
-    """Forward and forward+backward GB/s of every peer at every shape."""
-    impls = peers()
-    rows = []
+def device_ms(calls: list[Callable[[], object]], rounds: int = 4) -> float:
+    """Median device time of one call, launch overhead excluded.
+
+    Replays a CUDA graph of ``rounds`` passes over ``calls`` (one per input set, each set larger
+    than what L2 keeps between them), timed with CUDA events.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compilation, allocator) outside the capture
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(rounds):
+            for call in calls:
+                call()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times) / (rounds * len(calls))
+
+
+def pass_call(fn: Callable, pass_name: str, x, w, b, dy) -> Callable[[], object]:
+    """One forward, or one forward and backward, of ``fn`` on these inputs."""
+    if pass_name == "forward":
+        return lambda: fn(x, w, b)
+    return lambda: torch.autograd.grad(fn(x, w, b), (x, w, b), dy)
+
+
+def peer_table(rows: list[dict], impls: list[str]) -> str:
     table = Table(["dtype", "M x N", "pass"] + [f"{k} GB/s" for k in impls] + ["slipstream % copy", "vs best peer"])
+    for row in rows:
+        best_peer = max((row[k] for k in impls if k != "slipstream" and row[k] == row[k]), default=float("nan"))
+        table.add(row["dtype"], row["shape"], row["pass_name"], *(row[k] for k in impls),
+                  f"{100 * row['slipstream'] / row['copy']:.0f}%", f"{row['slipstream'] / best_peer:.2f}x")
+    return table.markdown()
+
+
+def time_peers(report: list, copy_gbs: float, dtype_names: list[str]) -> dict[str, list[dict]]:
+    """Forward and forward+backward GB/s of every peer at every shape, by do_bench and by device time."""
+    impls = peers()
+    results = {"do_bench": [], "device": []}
     for name in dtype_names:
         for m, n in SHAPES:
-            x, w, b, dy = random_inputs(m, n, DTYPES[name], grad=True)
+            input_sets = [random_inputs(m, n, DTYPES[name], grad=True) for _ in range(3)]
+            x, w, b, dy = input_sets[0]
             ref = F.layer_norm(x.detach().double(), (n,), w.detach().double(), b.detach().double(), EPS)
             for pass_name, factor in (("forward", 2), ("forward+backward", 5)):
                 nbytes = factor * x.numel() * x.element_size()
-                result = {}
+                rows = {metric: dict(dtype=name, shape=f"{m}x{n}", pass_name=pass_name, copy=copy_gbs)
+                        for metric in results}
                 for impl, fn in impls.items():
                     try:
-                        err = rel_error(fn(x, w, b), ref)
+                        err = rel_error(fn(x, w, b).detach(), ref)
                         if err > TOLERANCE[x.dtype]:
                             print(f"{impl} {name} {m}x{n}: rel. error {err:.1e}", flush=True)
-                        if pass_name == "forward":
-                            ms = do_bench_median(lambda: fn(x, w, b))
-                        else:
-                            ms = do_bench_median(lambda: torch.autograd.grad(fn(x, w, b), (x, w, b), dy))
-                        result[impl] = gbs(nbytes, ms)
+                        ms = do_bench_median(pass_call(fn, pass_name, *input_sets[0]))
+                        rows["do_bench"][impl] = gbs(nbytes, ms)
+                        ms = device_ms([pass_call(fn, pass_name, *inputs) for inputs in input_sets])
+                        rows["device"][impl] = gbs(nbytes, ms)
                     except Exception as error:  # noqa: BLE001 - a failing peer gets no number
                         print(f"{impl} {name} {m}x{n} {pass_name}: {type(error).__name__}: {error}", flush=True)
-                        result[impl] = float("nan")
-                best_peer = max((v for k, v in result.items() if k != "slipstream" and v == v), default=float("nan"))
-                rows.append(dict(dtype=name, shape=f"{m}x{n}", pass_name=pass_name, copy=copy_gbs, **result))
-                table.add(name, f"{m}x{n}", pass_name, *(result[k] for k in impls),
-                          f"{100 * result['slipstream'] / copy_gbs:.0f}%", f"{result['slipstream'] / best_peer:.2f}x")
-                print(table.rows[-1], flush=True)
-    report.append(f"### Forward and forward+backward (copy bandwidth {copy_gbs:.0f} GB/s)\n\n" + table.markdown())
-    return rows
+                        for metric in results:
+                            rows[metric].setdefault(impl, float("nan"))
+                for metric in results:
+                    results[metric].append(rows[metric])
+                print({k: f"{v['slipstream']:.0f}" for k, v in rows.items()}, name, m, n, pass_name, flush=True)
+    report.append(f"### Forward and forward+backward, `do_bench` (launch overhead included; copy bandwidth "
+                  f"{copy_gbs:.0f} GB/s)\n\n" + peer_table(results["do_bench"], list(impls)))
+    report.append("### Forward and forward+backward, device time (CUDA graph replay, launch overhead "
+                  "excluded)\n\n" + peer_table(results["device"], list(impls)))
+    print(report[-2] + "\n\n" + report[-1], flush=True)
+    return results
 
 
 def time_mixed(report: list) -> None:
     """fp32 input, bf16 output (an fp32 residual stream under bf16 autocast): fused vs the alternatives."""
-    table = Table(["M x N", "pass", "slipstream fp32->bf16 ms", "eager under autocast ms", "cast then bf16 eager ms"])
+    names = ["slipstream fp32->bf16", "eager under autocast", "cast then bf16 eager"]
+    table = Table(["M x N", "pass"] + [f"{k} ms" for k in names] + [f"{k} device ms" for k in names])
     for m, n in MIXED_SHAPES:
         x, w, b, dy = random_inputs(m, n, torch.float32, grad=True)
-        dy = dy.to(torch.bfloat16)
-        fused = lambda: layer_norm(x, (n,), w, b, EPS, out_dtype=torch.bfloat16)
+
+        def fused():
+            return layer_norm(x, (n,), w, b, EPS, out_dtype=torch.bfloat16)
 
         def autocast_eager():
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -300,15 +350,18 @@ def time_mixed(report: list) -> None:
             with torch.autocast("cuda", enabled=False):
                 return F.layer_norm(x.to(torch.bfloat16), (n,), w.to(torch.bfloat16), b.to(torch.bfloat16), EPS)
 
-        impls = [(fn, dy.to(fn().dtype)) for fn in (fused, autocast_eager, cast_then_eager)]
-        table.add(f"{m}x{n}", "forward", *(do_bench_median(fn) for fn, _ in impls))
-        table.add(f"{m}x{n}", "forward+backward",
-                  *(do_bench_median(lambda fn=fn, g=g: torch.autograd.grad(fn(), (x, w, b), g)) for fn, g in impls))
-    report.append("### Mixed precision: fp32 input, bf16 output\n\n" + table.markdown())
+        for pass_name in ("forward", "forward+backward"):
+            calls = []
+            for fn in (fused, autocast_eager, cast_then_eager):
+                grad = dy.to(fn().dtype)
+                calls.append(fn if pass_name == "forward" else
+                             lambda fn=fn, grad=grad: torch.autograd.grad(fn(), (x, w, b), grad))
+            table.add(f"{m}x{n}", pass_name, *(do_bench_median(c) for c in calls), *(device_ms([c]) for c in calls))
+    report.append("### Mixed precision: fp32 input, bf16 output (ms)\n\n" + table.markdown())
     print(report[-1], flush=True)
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], path: str, how: str) -> None:
     """Bars of each implementation's fraction of copy bandwidth, one panel per (dtype, pass)."""
     import matplotlib
 
@@ -326,7 +379,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.axhline(0.9 if pass_name == "forward" else 0.7, color="k", linestyle="--", linewidth=0.8)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sel))], [r["shape"] for r in sel], fontsize=8)
         ax.set_ylabel("fraction of copy BW")
-        ax.set_title(f"LayerNorm {pass_name}, {dtype}")
+        ax.set_title(f"LayerNorm {pass_name}, {dtype} ({how})")
         ax.legend(fontsize=7, ncol=len(impls))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -335,7 +388,7 @@ def plot(rows: list[dict], path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=None, help="also write the markdown section here")
-    parser.add_argument("--plot", default=None, help="write a PNG of the peer comparison here")
+    parser.add_argument("--plot", default=None, help="write PNGs of the peer comparison here (and *_device.png)")
     parser.add_argument("--tune", action="store_true", help="time candidate tilings of slipstream's kernels")
     parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated subset of bf16,fp32")
     parser.add_argument("--workers", type=int, default=16, help="processes compiling tilings for --tune")
@@ -349,10 +402,11 @@ def main() -> None:
     compile_check(report)
     if args.tune:
         tune(report, dtype_names, args.workers)
-    rows = time_peers(report, copy_gbs, dtype_names)
+    results = time_peers(report, copy_gbs, dtype_names)
     time_mixed(report)
     if args.plot:
-        plot(rows, args.plot)
+        plot(results["do_bench"], args.plot, "do_bench, launch overhead included")
+        plot(results["device"], args.plot.replace(".png", "_device.png"), "device time, CUDA graph")
     body = "\n\n".join(report) + ("" if passed else "\n\n**Correctness check FAILED: see the table.**")
     write_section(args.out, "Fused LayerNorm", environment_line(command_line()), body)
 

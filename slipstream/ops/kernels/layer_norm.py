@@ -25,6 +25,7 @@ the result is deterministic, with no atomics.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Optional
@@ -65,35 +66,67 @@ class Tiling:
     prefetch: bool = True
 
 
+# Fastest tilings measured on an H100 (benchmarks/layer_norm.py --tune), by (row width rounded up
+# to a power of two, element size); "wide" rows take the looped forward / column-tiled backward.
+_FORWARD_TILINGS = {
+    (1024, 2): Tiling(2, 1024, 2, 8, True),
+    (4096, 2): Tiling(2, 4096, 8, 2, True),
+    (8192, 2): Tiling(2, 8192, 32, 2, True),
+    (16384, 2): Tiling(1, 16384, 32, 2, True),
+    ("wide", 2): Tiling(1, 8192, 8),
+    (1024, 4): Tiling(2, 1024, 4, 0, True),
+    (4096, 4): Tiling(1, 4096, 4, 0, False),
+    (8192, 4): Tiling(2, 8192, 32, 8, True),
+    (16384, 4): Tiling(1, 16384, 16, 0, False),
+    ("wide", 4): Tiling(1, 4096, 16),
+}
+_BACKWARD_TILINGS = {
+    (1024, 2): Tiling(2, 1024, 4, 4, True),
+    (4096, 2): Tiling(1, 4096, 8, 2, True),
+    (8192, 2): Tiling(1, 8192, 16, 1, True),
+    ("wide", 2): Tiling(4, 512, 4, 4, False),
+    (1024, 4): Tiling(4, 1024, 8, 2, False),
+    (4096, 4): Tiling(1, 4096, 8, 2, False),
+    (8192, 4): Tiling(1, 8192, 16, 1, False),
+    ("wide", 4): Tiling(4, 512, 4, 2, True),
+}
+
+
+def _tuned(table: dict, n: int, element_size: int, widest: int) -> Tiling:
+    """The tuned tiling for the nearest measured width at or above ``n``, with as many elements per tile.
+
+    Narrower rows get proportionally more rows per tile, so each thread holds what it held when tuned.
+    """
+    block_n = triton.next_power_of_2(n)
+    size = 4 if element_size >= 4 else 2
+    if block_n > widest:
+        return table[("wide", size)]
+    tuned_width = min(w for w, s in table if w != "wide" and s == size and w >= block_n)
+    tuned = table[(tuned_width, size)]
+    block_m = min(64, tuned.block_m * tuned.block_n // block_n)
+    return dataclasses.replace(tuned, block_m=block_m, block_n=block_n)
+
+
+@functools.lru_cache(maxsize=None)
 def forward_tiling(n: int, element_size: int) -> Tiling:
-    """Default forward tiling for rows of ``n`` elements of ``element_size`` bytes (tuned on an H100).
+    """Default forward tiling for rows of ``n`` elements of ``element_size`` bytes.
 
     Example:
-        >>> forward_tiling(1024, 2)
-        Tiling(block_m=4, block_n=1024, num_warps=4, programs_per_sm=0)
+        >>> forward_tiling(768, 2)
+        Tiling(block_m=2, block_n=1024, num_warps=2, programs_per_sm=8, prefetch=True)
     """
-    block_n = triton.next_power_of_2(n)
-    if block_n > MAX_REGISTER_ROW:
-        return Tiling(block_m=1, block_n=16384 // element_size, num_warps=8)  # 16 KB chunks
-    block_m = 1 if block_n >= 8192 else 2 if block_n >= 2048 else min(16, 4096 // block_n)
-    # 32 elements a thread: enough loads in flight without spilling.
-    return Tiling(block_m=block_m, block_n=block_n, num_warps=min(16, max(1, block_m * block_n // 1024)))
+    return _tuned(_FORWARD_TILINGS, n, element_size, MAX_REGISTER_ROW)
 
 
+@functools.lru_cache(maxsize=None)
 def backward_tiling(n: int, element_size: int) -> Tiling:
-    """Default backward tiling for rows of ``n`` elements of ``element_size`` bytes (tuned on an H100).
+    """Default backward tiling for rows of ``n`` elements of ``element_size`` bytes.
 
     Example:
-        >>> backward_tiling(1024, 2)
-        Tiling(block_m=4, block_n=1024, num_warps=8, programs_per_sm=2)
+        >>> backward_tiling(768, 2)
+        Tiling(block_m=2, block_n=1024, num_warps=4, programs_per_sm=4, prefetch=True)
     """
-    block_n = triton.next_power_of_2(n)
-    if block_n > MAX_BACKWARD_REGISTER_ROW:
-        return Tiling(block_m=4, block_n=512, num_warps=4, programs_per_sm=2)
-    block_m = min(16, max(1, 4096 // block_n))
-    # 8 to 16 elements a thread: x, dy and the two accumulators all live in registers.
-    return Tiling(block_m=block_m, block_n=block_n, num_warps=min(16, max(1, block_m * block_n // 512)),
-                  programs_per_sm=2 if block_n <= 4096 else 1)
+    return _tuned(_BACKWARD_TILINGS, n, element_size, MAX_BACKWARD_REGISTER_ROW)
 
 
 @functools.lru_cache(maxsize=None)
@@ -283,14 +316,15 @@ def _dx_tile(DX, x, dy, w, Mean, Rstd, MeanGX, MeanG, rows, cols, M, N,
 
 @triton.jit
 def _backward_tiles(
-    DY, X, W, Mean, Rstd, MeanGX, MeanG, DX, DW_partial, DB_partial, M, N, stride_dy, stride_x,
-    cols, first_block, block_step, partial_row,
+    DY, X, W, Mean, Rstd, MeanGX, MeanG, DX, Partials, M, N, stride_dy, stride_x,
+    cols, first_block, block_step, partial_row, n_partials,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_MEANS_GIVEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Walk row blocks first_block, first_block + block_step, ... from the bottom of the matrix up.
 
-    Writes dx for each and stores this program's dW/dB partial sums (fp32) as row ``partial_row``.
+    Writes dx for each and stores this program's dW/dB partial sums (fp32) as row ``partial_row`` of
+    ``Partials[0]`` and ``Partials[1]`` (``[2, n_partials, N]``).
     The next block's x and dy are loaded before the current one is reduced, so loads stay in
     flight. Bottom-up: on the column-tiled path the row-means kernel has just read the last rows,
     which are then still in L2.
@@ -323,21 +357,21 @@ def _backward_tiles(
         dw_acc += dw_tile
         db_acc += db_tile
     if HAS_WEIGHT:
-        tl.store(DW_partial + partial_row * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+        tl.store(Partials + partial_row * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
     if HAS_BIAS:
-        tl.store(DB_partial + partial_row * N + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+        tl.store(Partials + (n_partials + partial_row) * N + cols, tl.sum(db_acc, axis=0), mask=col_ok)
 
 
 @triton.jit(do_not_specialize=["M"])
 def _backward_rows_kernel(
-    DY, X, W, Mean, Rstd, DX, DW_partial, DB_partial, M, N, stride_dy, stride_x,
+    DY, X, W, Mean, Rstd, DX, Partials, M, N, stride_dy, stride_x,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREFETCH: tl.constexpr,
 ):
     program = tl.program_id(0)
     _backward_tiles(
-        DY, X, W, Mean, Rstd, Mean, Rstd, DX, DW_partial, DB_partial, M, N, stride_dy, stride_x,
-        tl.arange(0, BLOCK_N), program, tl.num_programs(0), program,
+        DY, X, W, Mean, Rstd, Mean, Rstd, DX, Partials, M, N, stride_dy, stride_x,
+        tl.arange(0, BLOCK_N), program, tl.num_programs(0), program, tl.num_programs(0),
         HAS_WEIGHT, HAS_BIAS, False, BLOCK_M, BLOCK_N, PREFETCH,
     )
 
@@ -369,14 +403,14 @@ def _backward_row_means_kernel(
 
 @triton.jit(do_not_specialize=["M"])
 def _backward_columns_kernel(
-    DY, X, W, Mean, Rstd, MeanGX, MeanG, DX, DW_partial, DB_partial, M, N, stride_dy, stride_x,
+    DY, X, W, Mean, Rstd, MeanGX, MeanG, DX, Partials, M, N, stride_dy, stride_x,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREFETCH: tl.constexpr,
 ):
     group = tl.program_id(1)
     _backward_tiles(
-        DY, X, W, Mean, Rstd, MeanGX, MeanG, DX, DW_partial, DB_partial, M, N, stride_dy, stride_x,
-        tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N), group, tl.num_programs(1), group,
+        DY, X, W, Mean, Rstd, MeanGX, MeanG, DX, Partials, M, N, stride_dy, stride_x,
+        tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N), group, tl.num_programs(1), group, tl.num_programs(1),
         HAS_WEIGHT, HAS_BIAS, True, BLOCK_M, BLOCK_N, PREFETCH,
     )
 
@@ -395,14 +429,14 @@ def _add_partials(Partial, Out, cols, n_partials, N, BLOCK_P: tl.constexpr, BLOC
 
 @triton.jit
 def _sum_partials_kernel(
-    DW_partial, DB_partial, DW, DB, n_partials, N,
+    Partials, DW, DB, n_partials, N,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_WEIGHT:
-        _add_partials(DW_partial, DW, cols, n_partials, N, BLOCK_P, BLOCK_N)
+        _add_partials(Partials, DW, cols, n_partials, N, BLOCK_P, BLOCK_N)
     if HAS_BIAS:
-        _add_partials(DB_partial, DB, cols, n_partials, N, BLOCK_P, BLOCK_N)
+        _add_partials(Partials + n_partials * N, DB, cols, n_partials, N, BLOCK_P, BLOCK_N)
 
 
 def backward(
@@ -438,7 +472,7 @@ def backward(
         n_partials = _programs(tiling, triton.cdiv(m, tiling.block_m), device)
         partials = torch.empty((2, n_partials, n), dtype=torch.float32, device=device)
         _backward_rows_kernel[(n_partials,)](
-            dy, x, w, mean, rstd, dx, partials[0], partials[1], m, n, dy.stride(0), x.stride(0), **flags
+            dy, x, w, mean, rstd, dx, partials, m, n, dy.stride(0), x.stride(0), **flags
         )
     else:
         col_blocks = triton.cdiv(n, tiling.block_n)
@@ -451,7 +485,7 @@ def backward(
         )
         partials = torch.empty((2, n_partials, n), dtype=torch.float32, device=device)
         _backward_columns_kernel[(col_blocks, n_partials)](
-            dy, x, w, mean, rstd, mean_gx, mean_g, dx, partials[0], partials[1], m, n, dy.stride(0), x.stride(0),
+            dy, x, w, mean, rstd, mean_gx, mean_g, dx, partials, m, n, dy.stride(0), x.stride(0),
             **flags,
         )
     dw = torch.empty(n, dtype=weight.dtype, device=device) if has_weight else None
@@ -459,7 +493,7 @@ def backward(
     if has_weight or has_bias:
         block_n = 64
         _sum_partials_kernel[(triton.cdiv(n, block_n),)](
-            partials[0], partials[1], x if dw is None else dw, x if db is None else db, n_partials, n,
+            partials, x if dw is None else dw, x if db is None else db, n_partials, n,
             HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_P=32, BLOCK_N=block_n, num_warps=4,
         )
     return dx, dw, db
