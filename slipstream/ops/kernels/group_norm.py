@@ -7,13 +7,16 @@ contiguous (NCHW) and channels_last (NHWC) tensors are read and written in place
 (C/G channels x S positions) plane is cut into tiles of ``GB`` groups x ``CB`` channels x ``SB``
 positions; the tiles covering the same groups of one sample form a *set* of ``K`` programs. Each
 program keeps its tile in registers, writes the group-level partial sums of its tile, and needs the
-whole set's partials before it can write its output. Two ways to get them:
+whole set's partials before it can write its output. Three ways to get them:
 
+* a set of one program (the group fits in a tile): statistics straight from registers, one launch.
 * fused (GPU, ``K`` <= number of SMs): one launch; the set's programs meet at a barrier (an atomic
-  counter per set) and each combines the partials itself, in the same fixed order, so every program
-  gets bit-identical statistics. Programs take their place in the grid from an atomic ticket, so a
-  program only ever waits for programs that started after it: with ``K`` no larger than what fits
-  on the GPU at once, every set completes whatever order the hardware starts programs in.
+  counter per set). Small sets: each program combines the partials itself, in the same fixed order,
+  so every program gets bit-identical statistics. Large sets: the last program to arrive combines
+  them and raises a flag; the others wait for it and read its result. Programs take their place in
+  the grid from an atomic ticket, so a program only ever waits for programs that started after it:
+  with ``K`` no larger than the number of SMs (one program per SM always fits), every set completes
+  whatever order the hardware starts programs in.
 * three launches (Triton's CPU interpreter, which runs programs one after another, and sets too
   large for the GPU): write partials; combine each set once; normalize, reading the input again.
 
@@ -40,8 +43,9 @@ __all__ = ["forward", "backward", "TileShape", "tile_shape"]
 # Elements per tile: forward keeps x in registers, backward keeps x and dy.
 FORWARD_TILE = 8192
 BACKWARD_TILE = 4096
-# Elements each thread holds; sets the warps per program.
-ELEMENTS_PER_THREAD = 32
+# Elements each thread holds; sets the warps per program. This and the next two constants are the
+# fastest of the settings `benchmarks/group_norm.py --sweep` tried on an H100 (see docs/benchmarks.md).
+ELEMENTS_PER_THREAD = 64
 # Partials a program reads per step when combining a set.
 COMBINE_BLOCK = 128
 # Fused launch: from this many partial values per set (programs x groups per tile) on, the last
