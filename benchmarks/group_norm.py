@@ -174,7 +174,6 @@ def bench_norms(dtypes: list[str], impls: list[str], copy_gbs: float) -> list[di
             row["fwd_bwd_copy_frac"] = row["fwd_bwd_gbs"] / copy_gbs
             print(json.dumps(row), flush=True)
             results.append(row)
-        del x, w, b, dy, x64, y64, dx64
     return results
 
 
@@ -300,7 +299,7 @@ def resnet50_gn_step(batch: int = 64, steps: int = 20) -> str:
             eager_ms, eager_logits = ms, logits
         table.add(f"resnet50_gn b{batch} {variant}", swapped, ms, eager_ms / ms, peak, rel_error(logits, eager_logits))
         print(table.rows[-1], flush=True)
-        del model, optimizer
+        del step, model, optimizer  # the next variant's peak memory must not include this one
         torch.cuda.empty_cache()
     return table.markdown()
 
