@@ -247,6 +247,32 @@ def sweep(copy_gbs: float) -> str:
     return f"### Kernel settings sweep (bf16, no activation, kernels alone)\n\n{table.markdown()}\n\n{chosen}"
 
 
+def time_training_step(model, x, target, steps: int) -> tuple[float, float]:
+    """Median ms of an AdamW training step under bf16 autocast (after 5 warm-up steps), and peak GiB."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), target)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
+
+
 def resnet50_gn_step(batch: int = 64, steps: int = 20) -> str:
     """timm resnet50_gn training step (bf16 autocast, channels_last, AdamW): eager vs LP GroupNorm."""
     import timm
@@ -270,36 +296,14 @@ def resnet50_gn_step(batch: int = 64, steps: int = 20) -> str:
             replaced = sf.apply_low_precision_groupnorm(model, precision="amp_bf16")
             left = sum(isinstance(m, nn.GroupNorm) and not isinstance(m, LPGroupNorm) for m in model.modules())
             swapped = f"{len(replaced)} of {total}" + ("" if left == 0 else f" ({left} left)")
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(x).float()
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = F.cross_entropy(model(x), target)
-            loss.backward()
-            optimizer.step()
-
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        ms = sorted(times)[len(times) // 2]
-        peak = torch.cuda.max_memory_allocated() / 2**30
+        ms, peak = time_training_step(model, x, target, steps)
         if eager_ms is None:
             eager_ms, eager_logits = ms, logits
         table.add(f"resnet50_gn b{batch} {variant}", swapped, ms, eager_ms / ms, peak, rel_error(logits, eager_logits))
         print(table.rows[-1], flush=True)
-        del step, model, optimizer  # the next variant's peak memory must not include this one
+        del model  # the next variant's peak memory must not include this one
         torch.cuda.empty_cache()
     return table.markdown()
 
