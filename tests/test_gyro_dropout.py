@@ -351,13 +351,13 @@ def _ddp_rank(rank, world_size, init_file):
     dist.destroy_process_group()
 
 
-def test_ddp_ranks_share_masks_and_active_sets(tmp_path):
+def test_ddp_ranks_share_masks_and_active_sets(tmp_path, monkeypatch):
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
     if not dist.is_available():
         pytest.skip("torch built without distributed")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ranks = mp.spawn(_ddp_rank, args=(2, str(tmp_path / "init")), nprocs=2, join=False)

@@ -127,7 +127,8 @@ class GyroDropout(nn.Module):
     In training the batch (first dim) is split into ``tau`` groups as evenly as possible, and group
     ``i`` is multiplied by active mask ``i`` over the last dim, scaled by ``1 / (1 - p)``; any rank
     works (``[B, F]``, ``[B, T, F]``, ...; a 1-D input is one sample). Evaluation is the identity.
-    The masks are built on the first training forward for that input's feature width, on its device.
+    The masks are built on the CPU at the first training forward, for that input's feature width;
+    only the active set's ``(tau, features)`` scales live on the input's device.
 
     When the schedule advances: with ``advance_on_forward=True`` every training-mode forward counts
     as one step (right for one forward per optimizer step; eval forwards never count). With gradient
@@ -170,8 +171,10 @@ class GyroDropout(nn.Module):
         _check_run_length(iters_per_epoch, max_epoch)
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
-        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+        elif isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be a non-negative int or None, got {type(seed).__name__}")
+        elif seed < 0:
+            raise ValueError(f"seed must be a non-negative int or None, got {seed}")
         self.p = float(p)
         self.sigma = sigma
         self.tau = tau
