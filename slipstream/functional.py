@@ -28,11 +28,11 @@ Optimizers = Optional[Union[torch.optim.Optimizer, Iterable[torch.optim.Optimize
 def _replace_all(
     model: nn.Module,
     original: type[nn.Module],
-    build: Callable[[nn.Module], nn.Module],
+    build: Callable[[nn.Module], Optional[nn.Module]],
     optimizers: Optimizers,
     method: str,
 ) -> dict[nn.Module, nn.Module]:
-    """Swap every module ``surgery`` matches to ``original`` for ``build(module)``; warn if none."""
+    """Swap every module ``surgery`` matches to ``original`` for ``build(module)`` (None keeps it); warn if none."""
     replaced = replace_module_classes(model, {original: lambda module, index: build(module)}, optimizers)
     if not replaced:
         warnings.warn(f"{method}: found no {original.__name__} to replace; the model is unchanged", NoEffectWarning)
@@ -123,7 +123,8 @@ def apply_gyro_dropout(
         model: model to modify in place (before wrapping it in DDP).
         sigma, tau: masks pre-selected and masks active per step (``1 <= tau <= sigma``).
         iters_per_epoch, max_epoch: the planned run length.
-        p: ``None`` keeps each replaced Dropout's own ``p``. The card uses one fixed ``p`` (0.5) for
+        p: ``None`` keeps each replaced Dropout's own ``p`` (and leaves ``p=0`` Dropouts, which are
+            identities, alone). The card uses one fixed ``p`` (0.5) for
             every layer, which silently changes how strongly a model tuned with, say, ``p=0.1`` is
             regularized; keeping ``p`` means surgery changes how masks are chosen, not how many
             units are dropped. A number in [0, 1) sets that ``p`` everywhere.
@@ -145,7 +146,9 @@ def apply_gyro_dropout(
     check_gyro_arguments(p, sigma, tau, p_may_be_none=True)
     seeds = itertools.count(seed)
 
-    def build(module: nn.Module) -> nn.Module:
+    def build(module: nn.Module) -> Optional[nn.Module]:
+        if p is None and module.p == 0:  # an identity stays one; nothing to train
+            return None
         return GyroDropout.from_module(
             module, sigma, tau, iters_per_epoch, max_epoch, p=p, seed=next(seeds), advance_on_forward=advance_on_forward
         )
@@ -178,7 +181,8 @@ def apply_low_memory_dropout(model: nn.Module, seed: Optional[int] = None) -> di
     """Replace ``nn.Dropout`` modules with :class:`~slipstream.nn.SeededDropout`.
 
     Same math (each replacement keeps its Dropout's ``p``), but backward regenerates the mask from a
-    per-call seed instead of keeping a one-byte mask per element.
+    per-call seed instead of keeping a one-byte mask per element. Dropouts with ``p=0`` (identities,
+    common in model zoos) are left alone.
 
     Args:
         model: model to modify in place (before wrapping it in DDP).
@@ -198,7 +202,9 @@ def apply_low_memory_dropout(model: nn.Module, seed: Optional[int] = None) -> di
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
     seeds = itertools.repeat(None) if seed is None else itertools.count(seed)
 
-    def build(module: nn.Module) -> nn.Module:
+    def build(module: nn.Module) -> Optional[nn.Module]:
+        if module.p == 0:  # an identity keeps no mask: nothing to save
+            return None
         return SeededDropout.from_module(module, seed=next(seeds))
 
     return _replace_all(model, nn.Dropout, build, None, "apply_low_memory_dropout")
