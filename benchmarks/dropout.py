@@ -48,6 +48,13 @@ def _expected(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x.double() / (1 - P), torch.zeros((), dtype=torch.float64, device=x.device))
 
 
+def _nonzero(*shape: int, dtype: torch.dtype, requires_grad: bool = False) -> torch.Tensor:
+    """Random magnitudes in [0.5, 1.5), alternating signs: never 0, so ``out != 0`` is exactly the keep mask."""
+    values = torch.rand(shape, device="cuda").add_(0.5)
+    values.view(-1)[::2].neg_()
+    return values.to(dtype).requires_grad_(requires_grad)
+
+
 def _mismatch(got: torch.Tensor, want: torch.Tensor) -> str:
     """'' when equal, else how many differ and the column-in-group histogram of the first ones."""
     diff = (got.cpu() != want.cpu()).flatten()
@@ -63,7 +70,7 @@ def check_ops(log: list[str]) -> None:
     problems = []
     for dtype in DTYPES:
         for seed in (5, -5, 2**40 + 3, int(torch.randint(-(2**62), 2**62, ()))):
-            x = torch.randn(1000, 1037, device="cuda", dtype=dtype, requires_grad=True)
+            x = _nonzero(1000, 1037, dtype=dtype, requires_grad=True)
             y = seeded_dropout(x, P, seed)
             mask = keep_mask(torch.tensor(seed), P, x.numel()).view(x.shape).cuda()
             if bad := _mismatch(y != 0, mask):
@@ -74,7 +81,7 @@ def check_ops(log: list[str]) -> None:
                 _grad(lambda t: seeded_dropout(t, P, seed), x, dy), _expected(dy, mask)
             ) > 1e-2:
                 problems.append(f"one seed {seed} {dtype}: values or gradient off")
-        x = torch.randn(1000, 1037, device="cuda", dtype=dtype)
+        x = _nonzero(1000, 1037, dtype=dtype)
         seeds = torch.randint(-(2**63), 2**63 - 1, (x.shape[0],))
         rows = seeded_dropout_rows(x, P, seeds.cuda())
         if bad := _mismatch(rows != 0, keep_mask(seeds, P, x.shape[1])):
@@ -115,12 +122,12 @@ def diagnose_philox() -> str:
 def check_past_int32(log: list[str]) -> None:
     """Tensors past 2**31 elements: the tail's mask still matches the reference."""
     n = 2**31 + 4099
-    x = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    x = _nonzero(n, dtype=torch.bfloat16)
     y = seeded_dropout(x, P, 77)
     tail = 1 << 20
     flat = _mismatch(y[-tail:] != 0, keep_mask(torch.tensor(77), P, n, start=n - tail)[0])
     del x, y
-    x = torch.randn(65536, 32771, device="cuda", dtype=torch.bfloat16)
+    x = _nonzero(65536, 32771, dtype=torch.bfloat16)
     seeds = torch.randint(0, 2**62, (x.shape[0],))
     y = seeded_dropout_rows(x, P, seeds.cuda())
     rows = _mismatch(y[-3:] != 0, keep_mask(seeds[-3:], P, x.shape[1]))
