@@ -150,10 +150,13 @@ class TileConfig:
     split: int = 1
 
 
-# Fastest shapes of the H100 sweep in ``benchmarks/sparse_jl.py`` (docs/benchmarks.md).
-_PROJECT_16BIT = TileConfig(128, 256, 64, 8, 3)
+# Fastest shapes of the H100 sweep in ``benchmarks/sparse_jl.py`` (docs/benchmarks.md), per operand
+# width; narrow outputs (k <= 256) take one tile across all of them.
+_PROJECT_16BIT = TileConfig(256, 128, 64, 8, 3)
+_PROJECT_16BIT_NARROW = TileConfig(128, 256, 64, 8, 4)
 _PROJECT_FP32 = TileConfig(256, 128, 64, 8, 2)
-_TRANSPOSE = TileConfig(128, 64, 128, 4, 3)
+_TRANSPOSE_16BIT = TileConfig(128, 64, 128, 4, 3)
+_TRANSPOSE_FP32 = TileConfig(64, 64, 128, 8, 3)
 # Triton's CPU interpreter: small tiles keep the tests fast.
 _INTERPRETER_PROJECT = TileConfig(16, 128, 64, 2, 1)
 _INTERPRETER_TRANSPOSE = TileConfig(16, 64, 128, 2, 1)
@@ -178,11 +181,15 @@ def choose_config(m: int, n: int, r: int, transposed: bool, dtype: torch.dtype, 
 
     Example:
         >>> choose_config(4096, 1024, 65536, False, torch.bfloat16, 132)
-        TileConfig(block_m=128, block_n=256, block_r=64, num_warps=8, num_stages=3, split=1)
+        TileConfig(block_m=256, block_n=128, block_r=64, num_warps=8, num_stages=3, split=1)
     """
     if interpreting():
         return _INTERPRETER_TRANSPOSE if transposed else _INTERPRETER_PROJECT
-    config = _TRANSPOSE if transposed else (_PROJECT_FP32 if dtype == torch.float32 else _PROJECT_16BIT)
+    wide = dtype == torch.float32
+    if transposed:
+        config = _TRANSPOSE_FP32 if wide else _TRANSPOSE_16BIT
+    else:
+        config = _PROJECT_FP32 if wide else (_PROJECT_16BIT_NARROW if n <= 256 else _PROJECT_16BIT)
     return with_split(config, m, n, r, sm_count)
 
 
