@@ -119,19 +119,23 @@ def _dropout_2d(x: Tensor, p: float, seed: int = 0, seeds: Optional[Tensor] = No
     return _apply_mask(x, keep_mask(keys, p, x.shape[1]), p, out=out)
 
 
-@torch.library.custom_op("slipstream::seeded_dropout", mutates_args=())
-def _seeded_dropout_op(x: Tensor, p: float, seed: Tensor) -> Tensor:
+def _seeded_dropout_impl(x: Tensor, p: float, seed: Tensor) -> Tensor:
     return _dropout_2d(x.contiguous().view(1, -1), p, seed=int(seed)).view(x.shape)
+
+
+def _seeded_dropout_rows_impl(x: Tensor, p: float, seeds: Tensor) -> Tensor:
+    return _dropout_2d(x, p, seeds=seeds)
+
+
+_seeded_dropout_op = torch.library.custom_op("slipstream::seeded_dropout", _seeded_dropout_impl, mutates_args=())
+_seeded_dropout_rows_op = torch.library.custom_op(
+    "slipstream::seeded_dropout_rows", _seeded_dropout_rows_impl, mutates_args=()
+)
 
 
 @_seeded_dropout_op.register_fake
 def _seeded_dropout_fake(x: Tensor, p: float, seed: Tensor) -> Tensor:
     return x.new_empty(x.shape)
-
-
-@torch.library.custom_op("slipstream::seeded_dropout_rows", mutates_args=())
-def _seeded_dropout_rows_op(x: Tensor, p: float, seeds: Tensor) -> Tensor:
-    return _dropout_2d(x, p, seeds=seeds)
 
 
 @_seeded_dropout_rows_op.register_fake
@@ -155,6 +159,29 @@ def _register_dropout_autograd(op: torch.library.CustomOpDef) -> None:
 
 _register_dropout_autograd(_seeded_dropout_op)
 _register_dropout_autograd(_seeded_dropout_rows_op)
+
+
+class _EagerDropout(torch.autograd.Function):
+    """Eager mode's path: the ops' own bodies, minus the custom-op dispatcher's Python round trips.
+
+    The dispatcher costs more host time per call than the kernel takes on the GPU at common sizes
+    (the same finding as for LayerNorm); under ``torch.compile`` the custom ops are used instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float, key: Tensor, body) -> Tensor:
+        ctx.p, ctx.key, ctx.body = p, key, body
+        return body(x, p, key)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return ctx.body(grad, ctx.p, ctx.key), None, None, None
+
+
+def _dispatch(op: torch.library.CustomOpDef, body, x: Tensor, p: float, key: Tensor) -> Tensor:
+    if torch.compiler.is_compiling():  # traced: the custom op, so the graph has no breaks
+        return op(x, p, key)
+    return _EagerDropout.apply(x, p, key, body)
 
 
 def _describe(value: object) -> str:
@@ -203,7 +230,7 @@ def seeded_dropout(x: Tensor, p: float, seed: Union[int, Tensor]) -> Tensor:
         True
     """
     _check_x_and_p(x, p)
-    return _seeded_dropout_op(x, float(p), _seed_tensor(seed))
+    return _dispatch(_seeded_dropout_op, _seeded_dropout_impl, x, float(p), _seed_tensor(seed))
 
 
 def seeded_dropout_rows(x: Tensor, p: float, seeds: Tensor) -> Tensor:
@@ -230,4 +257,4 @@ def seeded_dropout_rows(x: Tensor, p: float, seeds: Tensor) -> Tensor:
         raise ValueError(f"seeds must have one seed per row of x ({x.shape[0]}), got {seeds.shape[0]}")
     if seeds.device != x.device:
         raise ValueError(f"seeds must be on x's device ({x.device}), got {seeds.device}")
-    return _seeded_dropout_rows_op(x, float(p), seeds)
+    return _dispatch(_seeded_dropout_rows_op, _seeded_dropout_rows_impl, x, float(p), seeds)
