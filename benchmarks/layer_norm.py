@@ -208,8 +208,7 @@ def tune(report: list, dtype_names: list[str], workers: int) -> None:
     for name in dtype_names:
         for m, n in SHAPES:
             x, w, b, dy = random_inputs(m, n, DTYPES[name])
-            default = {"forward": kernels.forward_tiling(n, x.element_size()),
-                       "backward": kernels.backward_tiling(n, x.element_size())}
+            default = {kind: kernels.default_tiling(kind, n, x.element_size()) for kind in ("forward", "backward")}
             for kind in ("forward", "backward"):
                 nbytes = (2 if kind == "forward" else 3) * x.numel() * x.element_size()
                 results = {}

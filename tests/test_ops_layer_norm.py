@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from slipstream.ops._backend import use_triton
 from slipstream.ops.layer_norm import layer_norm, layer_norm_backward_reference, layer_norm_forward_reference
 
 TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
@@ -119,6 +120,7 @@ def test_wide_rows_take_the_looped_paths(width):
     check_against_float64(x, w, b, dy, (width,), 1e-5)
 
 
+@pytest.mark.skipif(not use_triton(torch.empty(0)), reason="kernels run on CUDA or under TRITON_INTERPRET=1")
 def test_kernel_paths_with_small_tilings():
     """Force the looped forward and the column-tiled backward on small rows, with masked tails."""
     from slipstream.ops.kernels import layer_norm as kernels
@@ -146,6 +148,17 @@ def test_gradcheck():
     w = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w, b: layer_norm(x, (2, 5), w, b), (x, w, b))
+
+
+def test_eager_path_and_custom_ops_agree_exactly():
+    """Eager mode runs the custom ops' functions through an autograd Function: same bits either way."""
+    x, w, b, dy = random_case((6, 70), (70,), torch.bfloat16, param_dtype=torch.float32)
+    y = layer_norm(x, (70,), w, b, out_dtype=torch.float32)
+    y_op = torch.ops.slipstream.layer_norm_fwd(x, w, b, 1, 1e-5, torch.float32)[0]
+    assert torch.equal(y, y_op)
+    grads = torch.autograd.grad(y, (x, w, b), dy.float())
+    grads_op = torch.autograd.grad(y_op, (x, w, b), dy.float())
+    assert all(torch.equal(g, g_op) for g, g_op in zip(grads, grads_op))
 
 
 def test_torch_compile_has_no_graph_breaks_and_same_numerics():

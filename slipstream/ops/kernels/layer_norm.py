@@ -5,7 +5,7 @@ kernel reads inputs in their own dtype, does all math in fp32 and writes outputs
 the buffer it is given, so mixed precision (fp32 residual stream in, bf16 out) needs no cast kernel.
 
 Forward. Rows up to :data:`MAX_REGISTER_ROW` wide are held in registers, ``block_m`` rows per
-program: one read of x, one write of y. Their statistics are exact two-pass sums over the
+tile: one read of x, one write of y. Their statistics are exact two-pass sums over the
 registers (mean first, then the sum of squared deviations), so there is no cancellation and no
 extra memory traffic. Wider rows take a looped path: the first loop merges per-chunk (mean, M2)
 pairs with Chan et al.'s pairwise update, the second reads the row again (from L2, where the
@@ -17,10 +17,13 @@ Backward, with ``xhat = (x - mean) * rstd`` and ``g = w * dy``::
 
 Rows up to :data:`MAX_BACKWARD_REGISTER_ROW` wide: a persistent grid; each program walks its rows,
 writes dx and keeps fp32 dW/dB partial sums in registers, stored once per program. Wider rows
-cannot keep a row of accumulators in registers, so a row-sums kernel first computes the two
+cannot keep a row of accumulators in registers, so a row-means kernel first computes the two
 per-row means, then a column-tiled kernel writes dx and keeps partial sums for its columns over
 its share of the rows. Either way a small kernel then adds the partial sums in a fixed order:
 the result is deterministic, with no atomics.
+
+Launch shapes (:class:`Tiling`: tile size, warps, persistent programs per multiprocessor, whether
+to prefetch the next tile) come from a table measured on an H100 (:func:`default_tiling`).
 """
 
 from __future__ import annotations
@@ -38,8 +41,7 @@ __all__ = [
     "MAX_REGISTER_ROW",
     "MAX_BACKWARD_REGISTER_ROW",
     "Tiling",
-    "forward_tiling",
-    "backward_tiling",
+    "default_tiling",
     "forward",
     "backward",
 ]
@@ -92,11 +94,20 @@ _BACKWARD_TILINGS = {
 }
 
 
-def _tuned(table: dict, n: int, element_size: int, widest: int) -> Tiling:
-    """The tuned tiling for the nearest measured width at or above ``n``, with as many elements per tile.
+@functools.lru_cache(maxsize=None)
+def default_tiling(kernel: str, n: int, element_size: int) -> Tiling:
+    """Default tiling of the ``'forward'`` or ``'backward'`` kernels for rows of ``n`` elements.
 
-    Narrower rows get proportionally more rows per tile, so each thread holds what it held when tuned.
+    The tuned tiling for the nearest measured width at or above ``n`` (for ``element_size``-byte
+    elements), with as many elements per tile: narrower rows get proportionally more rows per
+    tile, so each thread holds what it held when tuned.
+
+    Example:
+        >>> default_tiling('forward', 768, 2)
+        Tiling(block_m=2, block_n=1024, num_warps=2, programs_per_sm=8, prefetch=True)
     """
+    table, widest = {"forward": (_FORWARD_TILINGS, MAX_REGISTER_ROW),
+                     "backward": (_BACKWARD_TILINGS, MAX_BACKWARD_REGISTER_ROW)}[kernel]
     block_n = triton.next_power_of_2(n)
     size = 4 if element_size >= 4 else 2
     if block_n > widest:
@@ -105,28 +116,6 @@ def _tuned(table: dict, n: int, element_size: int, widest: int) -> Tiling:
     tuned = table[(tuned_width, size)]
     block_m = min(64, tuned.block_m * tuned.block_n // block_n)
     return dataclasses.replace(tuned, block_m=block_m, block_n=block_n)
-
-
-@functools.lru_cache(maxsize=None)
-def forward_tiling(n: int, element_size: int) -> Tiling:
-    """Default forward tiling for rows of ``n`` elements of ``element_size`` bytes.
-
-    Example:
-        >>> forward_tiling(768, 2)
-        Tiling(block_m=2, block_n=1024, num_warps=2, programs_per_sm=8, prefetch=True)
-    """
-    return _tuned(_FORWARD_TILINGS, n, element_size, MAX_REGISTER_ROW)
-
-
-@functools.lru_cache(maxsize=None)
-def backward_tiling(n: int, element_size: int) -> Tiling:
-    """Default backward tiling for rows of ``n`` elements of ``element_size`` bytes.
-
-    Example:
-        >>> backward_tiling(768, 2)
-        Tiling(block_m=2, block_n=1024, num_warps=4, programs_per_sm=4, prefetch=True)
-    """
-    return _tuned(_BACKWARD_TILINGS, n, element_size, MAX_BACKWARD_REGISTER_ROW)
 
 
 @functools.lru_cache(maxsize=None)
@@ -257,7 +246,7 @@ def forward(
     """LayerNorm of each row of ``x`` (``[M, N]``, unit column stride): ``(y, mean, rstd)``.
 
     ``y`` is contiguous in ``out_dtype``; ``mean`` and ``rstd`` are fp32 of shape ``[M]``.
-    ``tiling`` overrides :func:`forward_tiling` (benchmarks use it to tune).
+    ``tiling`` overrides :func:`default_tiling` (benchmarks use it to tune).
 
     Example:
         >>> x = torch.randn(6, 100, device='cuda', dtype=torch.bfloat16)
@@ -267,7 +256,7 @@ def forward(
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    tiling = tiling or forward_tiling(n, x.element_size())
+    tiling = tiling or default_tiling("forward", n, x.element_size())
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, num_warps=tiling.num_warps)
     w = x if weight is None else weight  # a placeholder pointer when absent: never read
     b = x if bias is None else bias
@@ -452,7 +441,7 @@ def backward(
 
     ``dy`` and ``x`` need unit column stride; ``dx`` is contiguous in ``x``'s dtype, ``dw`` in
     ``weight``'s dtype (None without weight) and ``db`` in ``bias_dtype`` (None when that is None).
-    ``tiling`` overrides :func:`backward_tiling` (benchmarks use it to tune).
+    ``tiling`` overrides :func:`default_tiling` (benchmarks use it to tune).
 
     Example:
         >>> x = torch.randn(6, 100, device='cuda')
@@ -462,7 +451,7 @@ def backward(
     """
     m, n = x.shape
     device = x.device
-    tiling = tiling or backward_tiling(n, x.element_size())
+    tiling = tiling or default_tiling("backward", n, x.element_size())
     dx = torch.empty((m, n), dtype=x.dtype, device=device)
     has_weight, has_bias = weight is not None, bias_dtype is not None
     flags = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
