@@ -1,9 +1,10 @@
 """Triton kernel for the seeded sparse JL projection: ``out = a @ S`` or ``out = a @ S.T``.
 
 Each program owns a ``BLOCK_M x BLOCK_N`` tile of ``out`` and walks the reduction dimension in steps
-of ``BLOCK_R``. Per step it loads a tile of ``a``, builds the matching tile of ``S`` in registers from
-Philox words (:func:`_sign_tile`, the bit layout documented in :mod:`slipstream.ops.sparse_jl`) and
-multiplies on the tensor cores; ``S`` never touches memory. Tiles hold the unscaled entries ``0`` and
+of ``BLOCK_R``. Per step it loads a tile of ``a``, builds the matching block of ``S`` in registers
+from Philox words (:func:`_sign_block`, the bit layout documented in :mod:`slipstream.ops.sparse_jl`)
+and multiplies on the tensor cores with the block as wgmma's register operand; ``S`` never touches
+memory. Tiles hold the unscaled entries ``0`` and
 ``+-2`` (exact in bf16, fp16 and tf32); the scale ``sqrt(s / k) / 2`` is applied once at the end.
 Narrow outputs split the reduction over several programs (``SPLIT`` partial sums in fp32, added by
 the launcher) so that the grid still covers the GPU.
@@ -126,7 +127,11 @@ def _projection_kernel(
             s = _sign_block(seed, r0, first_n, BLOCK_N, SPARSITY, a_t.dtype, False)
         if DOT_IN_FP32:  # Triton's CPU interpreter multiplies bf16 operands as raw 16-bit integers
             acc = tl.dot(s.to(tl.float32), a_t.to(tl.float32), acc)
-        else:
+        elif r0 >= 0:
+            # Always true, but Triton cannot prove it, so the wgmma completes within the step. Left
+            # asynchronous across steps, Triton 3.6 lets the next step's block overwrite the
+            # registers that in-flight wgmmas still read (undefined in PTX; it corrupted results
+            # on an H100). Overlap comes from two programs per SM instead (see the defaults).
             acc = tl.dot(s, a_t, acc, input_precision=DOT_PRECISION)
 
     rn = first_n + tl.arange(0, BLOCK_N)
@@ -150,13 +155,11 @@ class TileConfig:
     split: int = 1
 
 
-# Fastest shapes of the H100 sweep in ``benchmarks/sparse_jl.py`` (docs/benchmarks.md), per operand
-# width; narrow outputs (k <= 256) take one tile across all of them.
-_PROJECT_16BIT = TileConfig(256, 128, 64, 8, 3)
-_PROJECT_16BIT_NARROW = TileConfig(128, 256, 64, 8, 4)
-_PROJECT_FP32 = TileConfig(256, 128, 64, 8, 2)
-_TRANSPOSE_16BIT = TileConfig(128, 64, 128, 4, 3)
-_TRANSPOSE_FP32 = TileConfig(64, 64, 128, 8, 3)
+# Shapes that fit two programs per SM (at most 128 registers a thread with 8 warps), so one program
+# generates its block while the other's wgmma runs; ``benchmarks/sparse_jl.py --sweep`` compares others.
+_PROJECT_16BIT = TileConfig(128, 128, 64, 8, 3)
+_PROJECT_FP32 = TileConfig(64, 128, 64, 8, 3)
+_TRANSPOSE = TileConfig(64, 64, 128, 8, 3)
 # Triton's CPU interpreter: small tiles keep the tests fast.
 _INTERPRETER_PROJECT = TileConfig(16, 128, 64, 2, 1)
 _INTERPRETER_TRANSPOSE = TileConfig(16, 64, 128, 2, 1)
@@ -181,15 +184,14 @@ def choose_config(m: int, n: int, r: int, transposed: bool, dtype: torch.dtype, 
 
     Example:
         >>> choose_config(4096, 1024, 65536, False, torch.bfloat16, 132)
-        TileConfig(block_m=256, block_n=128, block_r=64, num_warps=8, num_stages=3, split=1)
+        TileConfig(block_m=128, block_n=128, block_r=64, num_warps=8, num_stages=3, split=1)
     """
     if interpreting():
         return _INTERPRETER_TRANSPOSE if transposed else _INTERPRETER_PROJECT
-    wide = dtype == torch.float32
     if transposed:
-        config = _TRANSPOSE_FP32 if wide else _TRANSPOSE_16BIT
+        config = _TRANSPOSE
     else:
-        config = _PROJECT_FP32 if wide else (_PROJECT_16BIT_NARROW if n <= 256 else _PROJECT_16BIT)
+        config = _PROJECT_FP32 if dtype == torch.float32 else _PROJECT_16BIT
     return with_split(config, m, n, r, sm_count)
 
 
