@@ -167,6 +167,21 @@ def test_gradcheck_both_ways():
     assert torch.autograd.gradgradcheck(lambda t: sparse_jl_transpose(t, 37, 2), (dy,))
 
 
+def test_custom_ops_autograd_matches_eager():
+    """Eager calls go through an autograd Function; the custom ops (used when compiling) agree with it."""
+    x = torch.randn(3, 37, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: torch.ops.slipstream.sparse_jl(t, 19, 2, 8), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: torch.ops.slipstream.sparse_jl_transpose(t, 23, 2, 2),
+                                        (torch.randn(3, 19, dtype=torch.float64, requires_grad=True),))
+
+    def loss(t):
+        return sparse_jl(t, 19, 2, 8).pow(2).sum()
+
+    (eager,) = torch.autograd.grad(loss(x), x)
+    (compiled,) = torch.autograd.grad(torch.compile(loss)(x), x)
+    assert torch.allclose(compiled, eager)
+
+
 def test_custom_ops_pass_opcheck():
     x = torch.randn(5, 64)
     torch.library.opcheck(torch.ops.slipstream.sparse_jl.default, (x, 32, 7, 2))

@@ -137,8 +137,8 @@ def _runs_kernel(x: Tensor) -> bool:
     return x.dtype in KERNEL_DTYPES and use_triton(x)
 
 
-@torch.library.custom_op("slipstream::sparse_jl", mutates_args=())
-def _sparse_jl_op(x: Tensor, out_features: int, seed: int, sparsity: int) -> Tensor:
+def _project(x: Tensor, out_features: int, seed: int, sparsity: int) -> Tensor:
+    """``x @ S`` for 2-D ``x``: the body of ``slipstream::sparse_jl``."""
     if _runs_kernel(x):
         from slipstream.ops.kernels.sparse_jl import launch_projection
 
@@ -146,19 +146,23 @@ def _sparse_jl_op(x: Tensor, out_features: int, seed: int, sparsity: int) -> Ten
     return sparse_jl_reference(x, out_features, seed, sparsity)
 
 
-@_sparse_jl_op.register_fake
-def _sparse_jl_fake(x: Tensor, out_features: int, seed: int, sparsity: int) -> Tensor:
-    return x.new_empty(x.shape[0], out_features)
-
-
-@torch.library.custom_op("slipstream::sparse_jl_transpose", mutates_args=())
-def _sparse_jl_transpose_op(dy: Tensor, in_features: int, seed: int, sparsity: int) -> Tensor:
+def _project_transposed(dy: Tensor, in_features: int, seed: int, sparsity: int) -> Tensor:
+    """``dy @ S.T`` for 2-D ``dy``: the body of ``slipstream::sparse_jl_transpose``."""
     if _runs_kernel(dy):
         from slipstream.ops.kernels.sparse_jl import launch_projection
 
         scale = _scale(dy.shape[1], sparsity)
         return launch_projection(dy, in_features, seed, sparsity, scale, transposed=True)
     return _transpose_reference(dy, in_features, seed, sparsity)
+
+
+_sparse_jl_op = torch.library.custom_op("slipstream::sparse_jl", _project, mutates_args=())
+_sparse_jl_transpose_op = torch.library.custom_op("slipstream::sparse_jl_transpose", _project_transposed, mutates_args=())
+
+
+@_sparse_jl_op.register_fake
+def _sparse_jl_fake(x: Tensor, out_features: int, seed: int, sparsity: int) -> Tensor:
+    return x.new_empty(x.shape[0], out_features)
 
 
 @_sparse_jl_transpose_op.register_fake
@@ -185,6 +189,34 @@ _sparse_jl_op.register_autograd(_sparse_jl_backward, setup_context=_save_project
 _sparse_jl_transpose_op.register_autograd(_sparse_jl_transpose_backward, setup_context=_save_projection)
 
 
+class _EagerProjection(torch.autograd.Function):
+    """Eager mode's path: the custom ops' bodies minus the dispatcher's Python round trips.
+
+    On the H100 machine's host the custom op and Triton's launcher took about 0.1 ms per call, more
+    than the kernel takes at small sizes (the same finding as for LayerNorm and dropout); under
+    ``torch.compile`` the custom ops are used instead. ``body`` is one direction, ``adjoint`` the other.
+    """
+
+    @staticmethod
+    def forward(ctx, x, width, seed, sparsity, body, adjoint):
+        ctx.features, ctx.seed, ctx.sparsity, ctx.body, ctx.adjoint = x.shape[1], seed, sparsity, body, adjoint
+        return body(x, width, seed, sparsity)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx = _EagerProjection.apply(grad, ctx.features, ctx.seed, ctx.sparsity, ctx.adjoint, ctx.body)
+        return dx, None, None, None, None, None
+
+
+def _dispatch(transposed: bool, x: Tensor, width: int, seed: int, sparsity: int) -> Tensor:
+    """One direction on 2-D ``x``: the custom op when traced (no graph breaks), else the eager Function."""
+    if torch.compiler.is_compiling():
+        op = _sparse_jl_transpose_op if transposed else _sparse_jl_op
+        return op(x, width, seed, sparsity)
+    body, adjoint = (_project_transposed, _project) if transposed else (_project, _project_transposed)
+    return _EagerProjection.apply(x, width, seed, sparsity, body, adjoint)
+
+
 def _check_projection(features: object, out_features: object, seed: object, sparsity: object, features_name: str) -> None:
     for name, value in ((features_name, features), ("out_features", out_features)):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -207,13 +239,13 @@ def _check_input(x: object, name: str) -> None:
         raise ValueError(f"{name} must have at least one dimension (..., features), got a 0-d tensor")
 
 
-def _apply_2d(op, x: Tensor, out_width: int, seed: int, sparsity: int) -> Tensor:
-    """Run ``op`` on ``x`` viewed as (rows, features) and restore the leading dimensions."""
+def _apply_2d(transposed: bool, x: Tensor, out_width: int, seed: int, sparsity: int) -> Tensor:
+    """Run one direction on ``x`` viewed as (rows, features) and restore the leading dimensions."""
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] == 0:
         return x.new_zeros(*lead, out_width)
-    return op(rows, out_width, seed, sparsity).reshape(*lead, out_width)
+    return _dispatch(transposed, rows, out_width, seed, sparsity).reshape(*lead, out_width)
 
 
 def sparse_jl(x: Tensor, out_features: int, seed: int, sparsity: int = 2) -> Tensor:
@@ -234,7 +266,7 @@ def sparse_jl(x: Tensor, out_features: int, seed: int, sparsity: int = 2) -> Ten
     """
     _check_input(x, "x")
     _check_projection(x.shape[-1], out_features, seed, sparsity, features_name="x.shape[-1]")
-    return _apply_2d(_sparse_jl_op, x, out_features, seed, sparsity)
+    return _apply_2d(False, x, out_features, seed, sparsity)
 
 
 def sparse_jl_transpose(dy: Tensor, in_features: int, seed: int, sparsity: int = 2) -> Tensor:
@@ -250,4 +282,4 @@ def sparse_jl_transpose(dy: Tensor, in_features: int, seed: int, sparsity: int =
     """
     _check_input(dy, "dy")
     _check_projection(in_features, dy.shape[-1], seed, sparsity, features_name="in_features")
-    return _apply_2d(_sparse_jl_transpose_op, dy, in_features, seed, sparsity)
+    return _apply_2d(True, dy, in_features, seed, sparsity)
