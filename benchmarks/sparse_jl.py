@@ -145,11 +145,8 @@ def time_case(d: int, k: int, dtype: torch.dtype) -> dict:
         s_csr = s.to_sparse_csr()
         product = csr_product(s_csr)
         result.update(csr_ms=time_ms(lambda: product(x)), csr_bytes=csr_bytes(s_csr))
-        del s_csr
     except (RuntimeError, NotImplementedError) as error:  # e.g. no CSR kernel for this dtype
         result.update(csr_ms=float("nan"), csr_bytes=0, csr_error=str(error).splitlines()[0][:120])
-    del x, dy, s
-    torch.cuda.empty_cache()
     return result
 
 
@@ -199,7 +196,6 @@ def sweep(sm_count: int) -> Table:
                     table.add("transpose" if transposed else "project", name, d, k, ", ".join(map(str, shape)),
                               split, ms, "*" if ms == best else "")
                 print(table.markdown().splitlines()[-1], flush=True)
-                del a
     return table
 
 
@@ -220,6 +216,7 @@ def main() -> None:
     for name, dtype in DTYPES.items():
         for d, k in SIZES:
             results.append(time_case(d, k, dtype))
+            torch.cuda.empty_cache()  # the case's stored S (up to 1.6 GB as CSR) is freed by now
             print(json.dumps(results[-1]), flush=True)
     forward, backward = results_tables(results)
     body = "\n\n".join([
