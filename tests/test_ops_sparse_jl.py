@@ -1,6 +1,5 @@
 """Seeded sparse JL op: kernel equals the PyTorch reference, JL statistics, seeds, gradients, bad input."""
 
-import itertools
 import math
 import os
 
