@@ -19,6 +19,14 @@ Philox call keep the kernel memory-bound in bf16; the price is that the drop pro
 
 The decision is made in integers, so the Triton kernel and the PyTorch fallback (the ``*_reference``
 functions, used on CPU and by the tests) give the same mask for the same seed.
+
+Under ``torch.compile`` both are ``triton_op`` s (``slipstream::seeded_dropout`` and
+``slipstream::seeded_dropout_rows``) whose backward is the same op on the gradient: the compiler
+traces their bodies (allocation and one ``wrap_triton`` launch, see :mod:`slipstream.ops._triton_op`)
+and launches the kernel from its own code. Traced code cannot read a seed tensor's value on the
+host, so the compiled whole-tensor op hands the kernel its seed in device memory (an 8-byte copy
+when the seed is on the CPU); eager mode passes it as a kernel argument. Compiled CPU code under
+Triton's interpreter runs the fallback (interpreted kernels cannot be traced).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import torch
 from torch import Tensor
 
 from slipstream.ops._backend import use_triton
+from slipstream.ops._triton_op import body_uses_triton, register_triton_op
 from slipstream.ops.philox import philox, split_u64
 
 __all__ = [
@@ -107,40 +116,41 @@ def seeded_dropout_rows_reference(x: Tensor, p: float, seeds: Tensor) -> Tensor:
     return _apply_mask(x, keep_mask(seeds.to(x.device), p, x.shape[1]), p)
 
 
-def _dropout_2d(x: Tensor, p: float, seed: int = 0, seeds: Optional[Tensor] = None) -> Tensor:
-    """Dropout of a 2-D ``x`` keyed by ``seeds`` (one per row) or by ``seed`` (every row)."""
+def _dropout_2d(x: Tensor, p: float, key: Tensor, traceable: bool = False) -> Tensor:
+    """Dropout of a 2-D ``x`` keyed by ``key``: one int64 seed per row (1-D) or one for all rows (0-d).
+
+    ``traceable``: called from a ``triton_op`` body, whose kernel launch tracing must capture.
+    """
     out = torch.empty_like(x)
-    if use_triton(x):
+    if body_uses_triton(x) if traceable else use_triton(x):
         from slipstream.ops.kernels.dropout import launch_seeded_dropout
 
-        launch_seeded_dropout(x, out, keep_threshold(p), _scale(p), seed=seed, seeds=seeds)
+        if key.dim() == 1:
+            keys = dict(seeds=key)
+        elif traceable:  # the kernel reads the seed from device memory, every row the same
+            keys = dict(seeds=key.to(x.device).expand(x.shape[0]))
+        else:
+            keys = dict(seed=int(key))
+        launch_seeded_dropout(x, out, keep_threshold(p), _scale(p), **keys, traceable=traceable)
         return out
-    keys = seeds if seeds is not None else torch.tensor(seed, dtype=torch.int64, device=x.device)
-    return _apply_mask(x, keep_mask(keys, p, x.shape[1]), p, out=out)
+    return _apply_mask(x, keep_mask(key.to(x.device), p, x.shape[1]), p, out=out)
 
 
-def _seeded_dropout_impl(x: Tensor, p: float, seed: Tensor) -> Tensor:
-    return _dropout_2d(x.contiguous().view(1, -1), p, seed=int(seed)).view(x.shape)
+def _whole_tensor_dropout(x: Tensor, p: float, seed: Tensor, traceable: bool = False) -> Tensor:
+    return _dropout_2d(x.contiguous().view(1, -1), p, seed, traceable).view(x.shape)
 
 
-def _seeded_dropout_rows_impl(x: Tensor, p: float, seeds: Tensor) -> Tensor:
-    return _dropout_2d(x, p, seeds=seeds)
+def _seeded_dropout_op_body(x: Tensor, p: float, seed: Tensor) -> Tensor:
+    return _whole_tensor_dropout(x, p, seed, traceable=True)
 
 
-_seeded_dropout_op = torch.library.custom_op("slipstream::seeded_dropout", _seeded_dropout_impl, mutates_args=())
-_seeded_dropout_rows_op = torch.library.custom_op(
-    "slipstream::seeded_dropout_rows", _seeded_dropout_rows_impl, mutates_args=()
-)
+def _seeded_dropout_rows_op_body(x: Tensor, p: float, seeds: Tensor) -> Tensor:
+    return _dropout_2d(x, p, seeds, traceable=True)
 
 
-@_seeded_dropout_op.register_fake
-def _seeded_dropout_fake(x: Tensor, p: float, seed: Tensor) -> Tensor:
-    return x.new_empty(x.shape)
-
-
-@_seeded_dropout_rows_op.register_fake
-def _seeded_dropout_rows_fake(x: Tensor, p: float, seeds: Tensor) -> Tensor:
-    return torch.empty_like(x)
+# Their fake (shape-only) implementations are the bodies themselves, run on fake tensors.
+_seeded_dropout_op = register_triton_op("slipstream::seeded_dropout", _seeded_dropout_op_body)
+_seeded_dropout_rows_op = register_triton_op("slipstream::seeded_dropout_rows", _seeded_dropout_rows_op_body)
 
 
 def _register_dropout_autograd(op: torch.library.CustomOpDef) -> None:
@@ -162,10 +172,10 @@ _register_dropout_autograd(_seeded_dropout_rows_op)
 
 
 class _EagerDropout(torch.autograd.Function):
-    """Eager mode's path: the ops' own bodies, minus the custom-op dispatcher's Python round trips.
+    """Eager mode's path: the ops' functions with direct launches, minus the dispatcher's round trips.
 
     The dispatcher costs more host time per call than the kernel takes on the GPU at common sizes
-    (the same finding as for LayerNorm); under ``torch.compile`` the custom ops are used instead.
+    (the same finding as for LayerNorm); under ``torch.compile`` the triton_ops are used instead.
     """
 
     @staticmethod
@@ -179,7 +189,7 @@ class _EagerDropout(torch.autograd.Function):
 
 
 def _dispatch(op: torch.library.CustomOpDef, body, x: Tensor, p: float, key: Tensor) -> Tensor:
-    if torch.compiler.is_compiling():  # traced: the custom op, so the graph has no breaks
+    if torch.compiler.is_compiling():  # traced: the triton_op, so the graph has no breaks
         return op(x, p, key)
     return _EagerDropout.apply(x, p, key, body)
 
@@ -230,7 +240,7 @@ def seeded_dropout(x: Tensor, p: float, seed: Union[int, Tensor]) -> Tensor:
         True
     """
     _check_x_and_p(x, p)
-    return _dispatch(_seeded_dropout_op, _seeded_dropout_impl, x, float(p), _seed_tensor(seed))
+    return _dispatch(_seeded_dropout_op, _whole_tensor_dropout, x, float(p), _seed_tensor(seed))
 
 
 def seeded_dropout_rows(x: Tensor, p: float, seeds: Tensor) -> Tensor:
@@ -257,4 +267,4 @@ def seeded_dropout_rows(x: Tensor, p: float, seeds: Tensor) -> Tensor:
         raise ValueError(f"seeds must have one seed per row of x ({x.shape[0]}), got {seeds.shape[0]}")
     if seeds.device != x.device:
         raise ValueError(f"seeds must be on x's device ({x.device}), got {seeds.device}")
-    return _dispatch(_seeded_dropout_rows_op, _seeded_dropout_rows_impl, x, float(p), seeds)
+    return _dispatch(_seeded_dropout_rows_op, _dropout_2d, x, float(p), seeds)

@@ -1,12 +1,15 @@
-"""LayerNorm as ``torch.library`` custom ops: Triton kernels on CUDA, a pure-PyTorch fallback elsewhere.
+"""LayerNorm as ``torch.library`` ops: Triton kernels on CUDA, a pure-PyTorch fallback elsewhere.
 
-:func:`layer_norm` is the public op. Under ``torch.compile`` it is two custom ops,
-``slipstream::layer_norm_fwd`` and ``slipstream::layer_norm_bwd``, with a registered autograd formula
-and fake (shape-only) implementations, so models that use it trace without graph breaks. In eager
-mode the same two functions run through a plain ``autograd.Function`` (less CPU time per call),
-so compiled and eager numerics are identical. Both call the kernels of
+:func:`layer_norm` is the public op. Under ``torch.compile`` it is two ``triton_op`` s,
+``slipstream::layer_norm_fwd`` and ``slipstream::layer_norm_bwd``, with a registered autograd
+formula; the compiler traces their bodies (shape logic, allocations, ``wrap_triton`` launches, see
+:mod:`slipstream.ops._triton_op`), so models that use them trace without graph breaks and the
+compiled code launches the kernels itself, with no Python of ours per call. In eager mode the same
+two functions run through a plain ``autograd.Function`` with direct launches (less CPU time per
+call), so compiled and eager numerics are identical. Both call the kernels of
 :mod:`slipstream.ops.kernels.layer_norm` when :func:`~slipstream.ops._backend.use_triton` says so,
-and :func:`layer_norm_forward_reference` / :func:`layer_norm_backward_reference` otherwise.
+and :func:`layer_norm_forward_reference` / :func:`layer_norm_backward_reference` otherwise (also when
+compiling CPU code under Triton's interpreter, whose kernels cannot be traced).
 
 Dtypes: the input is read in its own dtype (fp32, fp16 or bf16; float64 always takes the
 fallback), statistics and all arithmetic are fp32, the output is written in ``out_dtype`` (the
@@ -27,6 +30,7 @@ import torch
 from torch import Tensor
 
 from slipstream.ops._backend import use_triton
+from slipstream.ops._triton_op import body_uses_triton, register_triton_op
 
 __all__ = ["layer_norm", "layer_norm_forward_reference", "layer_norm_backward_reference"]
 
@@ -58,7 +62,7 @@ def layer_norm(
     """
     shape = _validate(x, normalized_shape, weight, bias, eps, out_dtype)
     args = (x, weight, bias, len(shape), float(eps), out_dtype)
-    if torch.compiler.is_compiling():  # traced: the custom op, opaque to the compiler
+    if torch.compiler.is_compiling():  # traced: the triton_op, whose kernel launches the compiler sees
         return torch.ops.slipstream.layer_norm_fwd(*args)[0]
     return _EagerLayerNorm.apply(*args)
 
@@ -108,8 +112,9 @@ def _flat(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.reshape(-1)
 
 
-def _kernels_apply(*tensors: Tensor) -> bool:
-    return all(t.numel() > 0 and t.dtype in _KERNEL_DTYPES for t in tensors) and use_triton(tensors[0])
+def _kernels_apply(*tensors: Tensor, traceable: bool) -> bool:
+    backend_says = body_uses_triton if traceable else use_triton
+    return all(t.numel() > 0 and t.dtype in _KERNEL_DTYPES for t in tensors) and backend_says(tensors[0])
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -174,14 +179,18 @@ def _forward(
     normalized_ndim: int,
     eps: float,
     out_dtype: Optional[torch.dtype],
+    traceable: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(y, mean, rstd)``: y shaped like x; mean and rstd fp32 (float64 for float64 x), one per row."""
+    """``(y, mean, rstd)``: y shaped like x; mean and rstd fp32 (float64 for float64 x), one per row.
+
+    ``traceable``: called from the ``triton_op`` body, whose kernel launches tracing must capture.
+    """
     rows = _as_rows(x, normalized_ndim)
     args = (rows, _flat(weight), _flat(bias), eps, out_dtype or x.dtype)
-    if _kernels_apply(rows):
+    if _kernels_apply(rows, traceable=traceable):
         from slipstream.ops.kernels import layer_norm as kernels
 
-        y, mean, rstd = kernels.forward(*args)
+        y, mean, rstd = kernels.forward(*args, traceable=traceable)
     else:
         y, mean, rstd = layer_norm_forward_reference(*args)
     return y.reshape(x.shape), mean, rstd
@@ -195,14 +204,15 @@ def _backward(
     rstd: Tensor,
     normalized_ndim: int,
     bias_dtype: Optional[torch.dtype],
+    traceable: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dx, dw, db)``; dw (db) is an empty tensor when there is no weight (bias)."""
+    """``(dx, dw, db)``; dw (db) is an empty tensor when there is no weight (bias); ``traceable`` as in _forward."""
     dy_rows, x_rows = _as_rows(dy, normalized_ndim), _as_rows(x, normalized_ndim)
     args = (dy_rows, x_rows, _flat(weight), mean, rstd, bias_dtype)
-    if _kernels_apply(dy_rows, x_rows):
+    if _kernels_apply(dy_rows, x_rows, traceable=traceable):
         from slipstream.ops.kernels import layer_norm as kernels
 
-        dx, dw, db = kernels.backward(*args)
+        dx, dw, db = kernels.backward(*args, traceable=traceable)
     else:
         dx, dw, db = layer_norm_backward_reference(*args)
     dw = x.new_empty(0) if dw is None else dw.view(weight.shape)
@@ -224,9 +234,9 @@ def _gradients(ctx, dy: Tensor, backward) -> tuple[Optional[Tensor], ...]:
 
 
 class _EagerLayerNorm(torch.autograd.Function):
-    """Eager mode's path: the same functions as the custom ops, minus their dispatcher round trips.
+    """Eager mode's path: the same functions as the ops, minus their dispatcher round trips.
 
-    Measured on the H100 machine's host, the custom ops' Python dispatch cost more CPU time per call
+    Measured on the H100 machine's host, the ops' Python dispatch cost more CPU time per call
     than the kernels take on the GPU; an autograd Function costs a fraction of it.
     """
 
@@ -241,23 +251,32 @@ class _EagerLayerNorm(torch.autograd.Function):
         return _gradients(ctx, dy, _backward)
 
 
-_layer_norm_fwd = torch.library.custom_op("slipstream::layer_norm_fwd", _forward, mutates_args=())
-_layer_norm_bwd = torch.library.custom_op("slipstream::layer_norm_bwd", _backward, mutates_args=())
+def _forward_op_body(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    normalized_ndim: int,
+    eps: float,
+    out_dtype: Optional[torch.dtype],
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _forward(x, weight, bias, normalized_ndim, eps, out_dtype, traceable=True)
 
 
-@_layer_norm_fwd.register_fake
-def _(x, weight, bias, normalized_ndim, eps, out_dtype):
-    rows = math.prod(x.shape[: x.dim() - normalized_ndim])
-    stats = x.new_empty((rows,), dtype=_compute_dtype(x.dtype))
-    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), stats, torch.empty_like(stats)
+def _backward_op_body(
+    dy: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    normalized_ndim: int,
+    bias_dtype: Optional[torch.dtype],
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward(dy, x, weight, mean, rstd, normalized_ndim, bias_dtype, traceable=True)
 
 
-@_layer_norm_bwd.register_fake
-def _(dy, x, weight, mean, rstd, normalized_ndim, bias_dtype):
-    dw = x.new_empty(0) if weight is None else torch.empty_like(weight)
-    normalized = x.shape[x.dim() - normalized_ndim:]
-    db = x.new_empty(0) if bias_dtype is None else x.new_empty(normalized, dtype=bias_dtype)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), dw, db
+# Their fake (shape-only) implementations are the bodies themselves, run on fake tensors.
+_layer_norm_fwd = register_triton_op("slipstream::layer_norm_fwd", _forward_op_body)
+_layer_norm_bwd = register_triton_op("slipstream::layer_norm_bwd", _backward_op_body)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -6,7 +6,9 @@ One Philox-4x32-10 call per (row, group of 8 columns) gives four 32-bit words, s
 the row's seed, or one seed for every row; the counter is ``(lo32(g), hi32(g), 0, 0)``. This is the
 stream :func:`slipstream.ops.dropout.keep_mask` computes in PyTorch, bit for bit.
 
-Imported only when a kernel is about to run (see ``slipstream.ops._backend``).
+Imported only when a kernel is about to run (see ``slipstream.ops._backend``). The launcher holds
+only shape-dependent Python and the launch, so the ``triton_op`` bodies that ``torch.compile``
+traces call it too (``traceable=True``: the launch goes through ``wrap_triton``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from slipstream.ops._triton_op import launcher
 
 __all__ = ["launch_seeded_dropout"]
 
@@ -114,13 +118,15 @@ def launch_seeded_dropout(
     int64: Optional[bool] = None,
     block_elements: int = BLOCK_ELEMENTS,
     num_warps: Optional[int] = None,
+    traceable: bool = False,
 ) -> None:
     """Write ``where(keep, x * scale, 0)`` into ``out``; ``x``, ``out`` are 2-D with any strides.
 
     ``seeds`` (int64, one per row, on ``x``'s device) keys each row; without it every row is keyed
     by ``seed``. ``int64`` forces (or forbids) 64-bit indexing; by default it is used only when an
     offset or a column index could pass 2**31. ``block_elements`` (a power of two >= 8) and
-    ``num_warps`` set the tiling, for tuning.
+    ``num_warps`` set the tiling, for tuning. ``traceable``: launch through ``wrap_triton``, as a
+    ``triton_op`` body must (see :mod:`slipstream.ops._triton_op`).
     """
     n_rows, n_cols = x.shape
     if x.numel() == 0:
@@ -135,7 +141,7 @@ def launch_seeded_dropout(
         int64 = max(cols, seeds_reach, _reach(x, rows, cols), _reach(out, rows, cols)) >= 2**31
     grid = (row_blocks * col_blocks,)
     per_row = seeds is not None
-    _seeded_dropout_kernel[grid](
+    launcher(traceable)(_seeded_dropout_kernel)[grid](
         x,
         out,
         seeds if per_row else x,

@@ -24,6 +24,10 @@ the result is deterministic, with no atomics.
 
 Launch shapes (:class:`Tiling`: tile size, warps, persistent programs per multiprocessor, whether
 to prefetch the next tile) come from a table measured on an H100 (:func:`default_tiling`).
+
+The launchers :func:`forward` and :func:`backward` hold only shape-dependent Python, allocations
+and launches, so the ``triton_op`` bodies that ``torch.compile`` traces call them too
+(``traceable=True``: each launch goes through ``wrap_triton`` and lands in the compiled graph).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from slipstream.ops._triton_op import launcher
 
 __all__ = [
     "MAX_REGISTER_ROW",
@@ -242,11 +248,13 @@ def forward(
     eps: float,
     out_dtype: torch.dtype,
     tiling: Optional[Tiling] = None,
+    traceable: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LayerNorm of each row of ``x`` (``[M, N]``, unit column stride): ``(y, mean, rstd)``.
 
     ``y`` is contiguous in ``out_dtype``; ``mean`` and ``rstd`` are fp32 of shape ``[M]``.
-    ``tiling`` overrides :func:`default_tiling` (benchmarks use it to tune).
+    ``tiling`` overrides :func:`default_tiling` (benchmarks use it to tune). ``traceable``: launch
+    through ``wrap_triton``, as a ``triton_op`` body must (see :mod:`slipstream.ops._triton_op`).
 
     Example:
         >>> x = torch.randn(6, 100, device='cuda', dtype=torch.bfloat16)
@@ -257,17 +265,20 @@ def forward(
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     tiling = tiling or default_tiling("forward", n, x.element_size())
+    launch = launcher(traceable)
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, num_warps=tiling.num_warps)
     w = x if weight is None else weight  # a placeholder pointer when absent: never read
     b = x if bias is None else bias
     if tiling.block_n >= n:
         grid = (_programs(tiling, triton.cdiv(m, tiling.block_m), x.device),)
-        _forward_rows_kernel[grid](
+        launch(_forward_rows_kernel)[grid](
             x, y, w, b, mean, rstd, m, n, x.stride(0), eps,
             BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, PREFETCH=tiling.prefetch, **flags,
         )
     else:
-        _forward_looped_kernel[(m,)](x, y, w, b, mean, rstd, n, x.stride(0), eps, BLOCK_N=tiling.block_n, **flags)
+        launch(_forward_looped_kernel)[(m,)](
+            x, y, w, b, mean, rstd, n, x.stride(0), eps, BLOCK_N=tiling.block_n, **flags
+        )
     return y, mean, rstd
 
 
@@ -436,12 +447,14 @@ def backward(
     rstd: torch.Tensor,
     bias_dtype: Optional[torch.dtype],
     tiling: Optional[Tiling] = None,
+    traceable: bool = False,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients of :func:`forward`: ``(dx, dw, db)`` for ``dy`` and ``x`` of shape ``[M, N]``.
 
     ``dy`` and ``x`` need unit column stride; ``dx`` is contiguous in ``x``'s dtype, ``dw`` in
     ``weight``'s dtype (None without weight) and ``db`` in ``bias_dtype`` (None when that is None).
-    ``tiling`` overrides :func:`default_tiling` (benchmarks use it to tune).
+    ``tiling`` overrides :func:`default_tiling` (benchmarks use it to tune); ``traceable`` as in
+    :func:`forward`.
 
     Example:
         >>> x = torch.randn(6, 100, device='cuda')
@@ -452,6 +465,7 @@ def backward(
     m, n = x.shape
     device = x.device
     tiling = tiling or default_tiling("backward", n, x.element_size())
+    launch = launcher(traceable)
     dx = torch.empty((m, n), dtype=x.dtype, device=device)
     has_weight, has_bias = weight is not None, bias_dtype is not None
     flags = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
@@ -460,7 +474,7 @@ def backward(
     if tiling.block_n >= n:
         n_partials = _programs(tiling, triton.cdiv(m, tiling.block_m), device)
         partials = torch.empty((2, n_partials, n), dtype=torch.float32, device=device)
-        _backward_rows_kernel[(n_partials,)](
+        launch(_backward_rows_kernel)[(n_partials,)](
             dy, x, w, mean, rstd, dx, partials, m, n, dy.stride(0), x.stride(0), **flags
         )
     else:
@@ -468,12 +482,12 @@ def backward(
         n_partials = triton.cdiv(_programs(tiling, col_blocks * triton.cdiv(m, tiling.block_m), device), col_blocks)
         mean_gx = torch.empty(m, dtype=torch.float32, device=device)
         mean_g = torch.empty_like(mean_gx)
-        _backward_row_means_kernel[(m,)](
+        launch(_backward_row_means_kernel)[(m,)](
             dy, x, w, mean, rstd, mean_gx, mean_g, n, dy.stride(0), x.stride(0),
             HAS_WEIGHT=has_weight, BLOCK_N=4096, num_warps=8,
         )
         partials = torch.empty((2, n_partials, n), dtype=torch.float32, device=device)
-        _backward_columns_kernel[(col_blocks, n_partials)](
+        launch(_backward_columns_kernel)[(col_blocks, n_partials)](
             dy, x, w, mean, rstd, mean_gx, mean_g, dx, partials, m, n, dy.stride(0), x.stride(0),
             **flags,
         )
@@ -481,7 +495,7 @@ def backward(
     db = torch.empty(n, dtype=bias_dtype, device=device) if has_bias else None
     if has_weight or has_bias:
         block_n = 64
-        _sum_partials_kernel[(triton.cdiv(n, block_n),)](
+        launch(_sum_partials_kernel)[(triton.cdiv(n, block_n),)](
             partials, x if dw is None else dw, x if db is None else db, n_partials, n,
             HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_P=32, BLOCK_N=block_n, num_warps=4,
         )
