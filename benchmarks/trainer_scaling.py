@@ -13,15 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import tempfile
 
 import torch
 
 from benchmarks.common import Table, command_line, environment_line, write_section
+from benchmarks.torchrun_launcher import REPO, run_torchrun
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "examples", "train_digits.py")
 
 #: (hidden width, batch per GPU): the example's own model, and a wider one with more work per step.
@@ -30,18 +27,8 @@ CONFIGS = [(256, 64), (4096, 256)]
 
 def run_example(processes: int, hidden: int, batch: int, epochs: int) -> dict:
     """One torchrun job of the example; returns its results JSON."""
-    with tempfile.TemporaryDirectory() as folder:
-        results = os.path.join(folder, "results.json")
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-                   EXAMPLE, "--epochs", str(epochs), "--hidden", str(hidden), "--batch-size", str(batch),
-                   "--results", results]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        print(done.stdout, flush=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
-        with open(results) as file:
-            return json.load(file)
+    return run_torchrun(EXAMPLE, ["--epochs", str(epochs), "--hidden", str(hidden), "--batch-size", str(batch)],
+                        processes)
 
 
 def main() -> None:
