@@ -22,15 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 from typing import Optional
 
 import torch
 
 from benchmarks.common import Table, command_line, environment_line, write_section
-from benchmarks.ddp_scaling_worker import add_run_arguments, check_run_arguments, run_arguments
+from benchmarks.ddp_scaling_worker import PRECISION, add_run_arguments, check_run_arguments, run_arguments
 from benchmarks.torchrun_launcher import REPO, run_torchrun
 
-__all__ = ["parse_nprocs", "runnable_nprocs", "results_table", "main"]
+__all__ = ["parse_nprocs", "runnable_nprocs", "results_table", "error_summary", "main"]
 
 WORKER = os.path.join(REPO, "benchmarks", "ddp_scaling_worker.py")
 METHOD_CHOICES = {"on": ("on",), "off": ("off",), "both": ("off", "on")}
@@ -112,16 +114,16 @@ def _target_line(results: list[dict]) -> str:
     return f"Target (efficiency >= 90% at 8 GPUs, methods on): {efficiency:.1%} at {largest} GPUs, {verdict}{scope}."
 
 
-def _description(args: argparse.Namespace, results: list[dict], skipped: list[int]) -> str:
-    first = results[0]
+def _description(args: argparse.Namespace, results: list[dict], skipped: list[int], failed: list[str]) -> str:
     on = next((r for r in results if r["methods"] == "on"), None)
     methods = "none run" if on is None else ", ".join(
         f"{name} ({count} modules)" for name, count in on["modules_replaced"].items())
     size = "tiny (2 layers, width 64)" if args.tiny else "full size"
+    tokens = results[0]["sample_shape"][-1] if results else "?"
     lines = [
-        f"{args.model} {size}, random weights, {args.batch_per_gpu} sequences of {first['sample_shape'][-1]} tokens "
-        f"per GPU per step (weak scaling), {first['precision']}, fused AdamW; {args.steps} steps per job, the "
-        f"first {args.warmup} untimed. Methods on: {methods}. One fresh torchrun job per row.",
+        f"{args.model} {size}, random weights, {args.batch_per_gpu} sequences of {tokens} tokens per GPU per "
+        f"step (weak scaling), {PRECISION}, fused AdamW; {args.steps} steps per job, the first {args.warmup} "
+        f"untimed. Methods on: {methods}. One fresh torchrun job per row.",
         "samples/s = GPUs x batch per GPU x timed steps / their time (CUDA events at each step's end on rank 0, "
         "read back after training); efficiency = samples/s at N / (N x samples/s at 1 GPU, same methods); "
         "methods speed-up = samples/s on / off at the same N.",
@@ -129,18 +131,22 @@ def _description(args: argparse.Namespace, results: list[dict], skipped: list[in
     if skipped:
         lines.append(f"Not run: N = {', '.join(map(str, skipped))} (more than the {torch.cuda.device_count()} "
                      "visible GPUs).")
+    lines += [f"Failed: {failure}" for failure in failed]
     lines.append(_target_line(results))
     return "\n\n".join(lines)
 
 
-def _report(args: argparse.Namespace, results: list[dict], skipped: list[int]) -> None:
-    gpus = "" if args.device == "cpu" else f", up to {max(r['world_size'] for r in results)} GPUs"
-    title = f"Trainer: DDP scaling of {args.model} training (torchrun{gpus})"
-    body = _description(args, results, skipped) + "\n\n" + results_table(results).markdown()
+def _report(args: argparse.Namespace, counts: list[int], results: list[dict], skipped: list[int],
+            failed: list[str]) -> None:
+    where = "gloo on CPUs" if args.device == "cpu" else "NCCL on GPUs"
+    title = f"Trainer: DDP scaling of {args.model} training (torchrun, {where}, N = {', '.join(map(str, counts))})"
+    body = _description(args, results, skipped, failed)
+    if results:
+        body += "\n\n" + results_table(results).markdown()
     write_section(args.out, title, environment_line(command_line()), body)
     if args.out:
         with open(os.path.splitext(args.out)[0] + ".json", "w") as file:
-            json.dump(results, file, indent=1)
+            json.dump({"results": results, "failed": failed}, file, indent=1)
 
 
 def _parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -172,12 +178,38 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     if not counts:
         raise SystemExit(f"none of --nprocs {args.nprocs} fits the {gpus} visible GPUs")
     results: list[dict] = []
+    failed: list[str] = []
     for n in counts:
         for methods in METHOD_CHOICES[args.methods]:
             worker_argv = [*run_arguments(args), "--methods", methods]
-            results.append(run_torchrun(WORKER, worker_argv, n, timeout_s=args.job_timeout))
-            _report(args, results, skipped)
+            try:
+                results.append(run_torchrun(WORKER, worker_argv, n, timeout_s=args.job_timeout))
+            except (RuntimeError, subprocess.TimeoutExpired) as error:  # report it, go on with the other jobs
+                print(error, flush=True)
+                failed.append(f"N = {n}, methods {methods}: {error_summary(str(error))}")
+            _report(args, counts, results, skipped, failed)
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(results) + len(failed)} jobs failed")
     return results
+
+
+# The line of a torchrun failure that names the cause: an exception's, or a rank killed by a signal.
+_CAUSE = re.compile(r"^\s*(?:traceback : )?([\w.]+(?:Error|Exception|Expired|Interrupt): .*|Signal \d+ .*)$")
+
+
+def error_summary(text: str) -> str:
+    """The line of a failed job's error output that names its cause (the last such line), for the report.
+
+    Example:
+        >>> error_summary("Traceback (most recent call last):\\n  ValueError: bad batch\\n=====\\n")
+        'ValueError: bad batch'
+    """
+    lines = [line for line in text.splitlines() if line.strip()]
+    causes = [match.group(1) for match in map(_CAUSE.match, lines) if match]
+    if causes:
+        return causes[-1]
+    plain = [line.strip() for line in lines if line.strip("=- ")]
+    return plain[-1] if plain else "(no message)"
 
 
 if __name__ == "__main__":

@@ -57,12 +57,13 @@ def test_report_files(smoke_run):
     assert text.startswith("## Trainer: DDP scaling of gpt2 training")
     assert "| GPUs | methods | samples/s |" in text
     assert sum(line.startswith(("| 1 |", "| 2 |")) for line in text.splitlines()) == 4
-    assert json.loads(out.with_suffix(".json").read_text()) == results
+    assert json.loads(out.with_suffix(".json").read_text()) == {"results": results, "failed": []}
 
 
 def _row(n, methods, speed, peaks):
     return {"world_size": n, "methods": methods, "samples_per_s": speed, "items_per_sample": 512, "unit": "tok/s",
-            "step_ms_median": 10.0, "peak_memory_bytes": peaks, "final_loss": 5.0}
+            "step_ms_median": 10.0, "peak_memory_bytes": peaks, "final_loss": 5.0, "sample_shape": [512],
+            "modules_replaced": {"LowPrecisionLayerNorm": 25} if methods == "on" else {}}
 
 
 def test_efficiency_speed_up_and_peak_memory_arithmetic():
@@ -94,3 +95,27 @@ def test_job_environment_forces_multicast_off(monkeypatch):
     env = job_environment({"TORCH_SYMM_MEM_DISABLE_MULTICAST": "0"})
     assert {name: env[name] for name in MULTICAST_OFF} == MULTICAST_OFF
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(REPO)
+
+
+def test_a_failed_job_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
+    def fake_torchrun(script, argv, processes, timeout_s=None):
+        methods = argv[argv.index("--methods") + 1]
+        if (processes, methods) == (2, "on"):
+            raise RuntimeError("torchrun failed:\n  ValueError: planted\n=====")
+        return _row(processes, methods, 100.0 * processes, [None] * processes)
+
+    monkeypatch.setattr(ddp_scaling, "run_torchrun", fake_torchrun)
+    out = tmp_path / "ddp.md"
+    with pytest.raises(SystemExit, match="1 of 4 jobs failed"):
+        ddp_scaling.main(["--device", "cpu", "--nprocs", "1,2", "--out", str(out)])
+    text = out.read_text()
+    assert "Failed: N = 2, methods on: ValueError: planted" in text
+    assert sum(line.startswith(("| 1 |", "| 2 |")) for line in text.splitlines()) == 3
+    assert json.loads(out.with_suffix(".json").read_text())["failed"] == ["N = 2, methods on: ValueError: planted"]
+
+
+def test_error_summary_names_the_cause():
+    assert ddp_scaling.error_summary("Traceback:\n  File x\n  ValueError: bad\n=====\n") == "ValueError: bad"
+    assert ddp_scaling.error_summary("  traceback : Signal 9 (SIGKILL) received by PID 7\n---") == \
+        "Signal 9 (SIGKILL) received by PID 7"
+    assert ddp_scaling.error_summary("Command 'x' timed out after 5 seconds") == "Command 'x' timed out after 5 seconds"
