@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -100,6 +101,11 @@ def init_distributed(device: torch.device, timeout_s: float) -> DistContext:
 
 def _destroy_group() -> None:
     if dist.is_initialized():
+        # A DDP wrapper kept alive by a reference cycle still holds the group; destroying the group
+        # under it aborted gloo jobs at exit now and then ("terminate called without an active
+        # exception"). Collect such cycles first. No barrier here: a rank exiting on an error must
+        # not wait for peers that will never come.
+        gc.collect()
         dist.destroy_process_group()
 
 
