@@ -7,13 +7,17 @@ is set: that is how CI checks the kernels on a machine with no GPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
+from typing import Iterator
 
 import torch
 
-__all__ = ["triton_available", "interpreting", "use_triton"]
+__all__ = ["triton_available", "interpreting", "use_triton", "pytorch_fallback"]
+
+_fallback_depth = 0  # > 0 inside pytorch_fallback()
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,8 +33,31 @@ def interpreting() -> bool:
 
 def use_triton(x: torch.Tensor) -> bool:
     """Whether an op on ``x`` should run its Triton kernel rather than the PyTorch fallback."""
-    if not triton_available():
+    if _fallback_depth or not triton_available():
         return False
     if x.device.type == "cuda":
         return not interpreting()
     return x.device.type == "cpu" and interpreting()
+
+
+@contextlib.contextmanager
+def pytorch_fallback() -> Iterator[None]:
+    """Run every slipstream op on its pure-PyTorch fallback inside the block, even on CUDA.
+
+    The fallbacks compute the same function as the kernels (dropout: the same masks for the same
+    seeds), so a model run once with kernels and once inside this block should agree up to float
+    rounding: a way to tell a kernel bug from a modelling one. Not thread-aware; for debugging.
+
+    Example:
+        >>> from slipstream.ops import layer_norm
+        >>> with pytorch_fallback():
+        ...     y = layer_norm(torch.randn(2, 8), 8)
+        >>> use_triton(torch.ones(1, device="meta"))
+        False
+    """
+    global _fallback_depth
+    _fallback_depth += 1
+    try:
+        yield
+    finally:
+        _fallback_depth -= 1
