@@ -11,7 +11,7 @@ from torch import nn
 import slipstream.functional as sf
 from slipstream.algorithms import Event, State
 from slipstream.algorithms import GyroDropout as GyroDropoutAlgorithm
-from slipstream.nn import GyroDropout
+from slipstream.nn import GyroDropout, load_run_state, save_run_state
 from slipstream.surgery import NoEffectWarning
 from slipstream.time import Time
 
@@ -153,7 +153,7 @@ def test_manual_mode_advances_only_when_told():
     assert rel_err(drop(x), expected_output(drop, x, step=1)) < 1e-6
 
 
-# ----- state_dict / resume ------------------------------------------------------------------------
+# ----- run state / resume -----------------------------------------------------------------------------
 
 def make_net(init_seed=0, **gyro):
     torch.manual_seed(init_seed)
@@ -181,10 +181,11 @@ def test_resume_from_checkpoint_uses_the_same_masks(stop):
     first = make_net(**gyro)
     opt = torch.optim.SGD(first.parameters(), lr=0.1)
     train(first, opt, batches[:stop])
-    checkpoint = copy.deepcopy({"model": first.state_dict(), "opt": opt.state_dict()})
+    checkpoint = copy.deepcopy({"model": first.state_dict(), "run": save_run_state(first), "opt": opt.state_dict()})
 
     resumed = make_net(init_seed=1, **dict(gyro, seed=99))  # a fresh, different module
     resumed.load_state_dict(checkpoint["model"])
+    load_run_state(resumed, checkpoint["run"])
     opt = torch.optim.SGD(resumed.parameters(), lr=0.1)
     opt.load_state_dict(checkpoint["opt"])
     got = train(resumed, opt, batches[stop:])
@@ -197,16 +198,18 @@ def test_loading_a_different_config_is_refused():
     drop = make_gyro(sigma=12)
     drop(torch.randn(4, 6))
     with pytest.raises(ValueError, match="sigma"):
-        make_gyro(sigma=16).load_state_dict(drop.state_dict())
+        make_gyro(sigma=16).load_run_state(drop.run_state())
 
 
-def test_plain_dropout_checkpoint_loads_strictly_after_surgery():
+def test_checkpoints_load_strictly_both_ways():
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.3), nn.Linear(6, 2))
     model = copy.deepcopy(plain)
     sf.apply_gyro_dropout(model, sigma=8, tau=2, iters_per_epoch=4, max_epoch=2)
-    model.load_state_dict(plain.state_dict())  # strict: Gyro's own keys may be absent
-    assert not model[1].materialized
+    model(torch.randn(4, 6))  # masks drawn: run state exists, state_dict keys stay the plain ones
+    assert model[1].materialized and list(model.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(model.state_dict())
+    model.load_state_dict(plain.state_dict())
 
 
 # ----- argument validation ------------------------------------------------------------------------

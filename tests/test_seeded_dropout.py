@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 import slipstream.functional as sf
 from slipstream.algorithms import Event, LowMemoryDropout, State
-from slipstream.nn import SeededDropout
+from slipstream.nn import SeededDropout, load_run_state, save_run_state
 from slipstream.nn.seed_stream import SeedStream, stream_seed
 from slipstream.surgery import NoEffectWarning
 
@@ -67,31 +67,42 @@ def test_fresh_seed_per_call_and_reproducible_from_seed_or_manual_seed():
     assert torch.equal(SeededDropout(0.5)(x), a)
 
 
-def test_state_dict_resumes_the_stream():
+def test_run_state_resumes_the_stream():
     x = torch.randn(8, 30)
     model = nn.Sequential(nn.Linear(30, 30), SeededDropout(0.4, seed=11))
     model(x)
-    saved = copy.deepcopy(model.state_dict())
+    saved = copy.deepcopy((model.state_dict(), save_run_state(model)))
     expected = [model(x) for _ in range(2)]
     resumed = nn.Sequential(nn.Linear(30, 30), SeededDropout(0.4, seed=999))
-    resumed.load_state_dict(saved)
+    resumed.load_state_dict(saved[0])
+    load_run_state(resumed, saved[1])
     assert all(torch.equal(resumed(x), e) for e in expected)
-    assert saved["1._extra_state"] == {"key": 11, "calls": 1}
+    assert saved[1] == {"1": {"key": 11, "calls": 1}}
 
 
-def test_loads_a_state_dict_saved_before_surgery():
+def test_checkpoints_load_strictly_both_ways():
     before = nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.2))
     after = copy.deepcopy(before)
     sf.apply_low_memory_dropout(after, seed=0)
-    after.load_state_dict(before.state_dict())  # strict: the missing seed stream is allowed
+    assert list(after.state_dict()) == list(before.state_dict())
+    after.load_state_dict(before.state_dict())
+    before.load_state_dict(after.state_dict())
 
 
-def test_bad_extra_state():
-    drop = SeededDropout(0.5)
+def test_load_run_state_checks_its_input():
+    model = nn.Sequential(nn.Linear(6, 6), SeededDropout(0.2, seed=1))
     with pytest.raises(ValueError, match="'key' and 'calls'"):
-        drop.set_extra_state({"seed": 1})
+        load_run_state(model, {"1": {"seed": 1}})
     with pytest.raises(ValueError, match="calls"):
-        drop.set_extra_state({"key": 1, "calls": -1})
+        load_run_state(model, {"1": {"key": 1, "calls": -1}})
+    with pytest.raises(ValueError, match=r"missing modules \['1'\], unexpected modules \['2'\]"):
+        load_run_state(model, {"2": {"key": 1, "calls": 0}})
+    with pytest.raises(TypeError, match="state"):
+        load_run_state(model, [1])
+    with pytest.raises(TypeError, match="model"):
+        save_run_state("model")
+    load_run_state(model, {"2": {"key": 1, "calls": 0}}, strict=False)  # nothing fits: nothing changes
+    assert save_run_state(model) == {"1": {"key": 1, "calls": 0}}
 
 
 def test_from_module_copies_p_inplace_and_mode():
@@ -125,8 +136,18 @@ class Block(nn.Module):
         return self.out(h)
 
 
+def snapshot(model):
+    """Weights and seed-stream positions, to rewind a model to."""
+    return copy.deepcopy((model.state_dict(), save_run_state(model)))
+
+
+def restore(model, state):
+    model.load_state_dict(state[0])
+    load_run_state(model, state[1])
+
+
 def grads(model, state, x, run):
-    model.load_state_dict(state)
+    restore(model, state)
     model.zero_grad()
     run(x).square().sum().backward()
     return [p.grad.clone() for p in model.parameters()]
@@ -144,7 +165,7 @@ def checkpointed(model, reentrant):
 @pytest.mark.parametrize("calls", [1, 3])
 def test_checkpoint_recomputes_the_same_masks(reentrant, calls):
     model = nn.Sequential(Block(calls), Block(calls))
-    state = copy.deepcopy(model.state_dict())
+    state = snapshot(model)
     x = torch.randn(5, 12, requires_grad=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no replay warning either
@@ -157,10 +178,10 @@ def test_checkpoint_recomputes_the_same_masks(reentrant, calls):
 
 def test_checkpoint_after_no_grad_forward_and_with_retain_graph():
     model = nn.Sequential(Block(2))
-    state = copy.deepcopy(model.state_dict())
+    state = snapshot(model)
     x = torch.randn(4, 12, requires_grad=True)
     plain = grads(model, state, x, model)
-    model.load_state_dict(state)
+    restore(model, state)
     model.zero_grad()
     loss = checkpointed(model, False)(x).square().sum()
     loss.backward(retain_graph=True)
@@ -191,19 +212,19 @@ def test_seed_stream_state_and_replay_bounds():
 def test_compiles_without_graph_breaks_or_recompiles_and_matches_eager():
     model = nn.Sequential(nn.Linear(10, 10), SeededDropout(0.3, seed=5), nn.Linear(10, 10), SeededDropout(0.3, seed=6))
     x = torch.randn(6, 10, requires_grad=True)
-    state = copy.deepcopy(model.state_dict())
+    state = snapshot(model)
     assert torch._dynamo.explain(model)(x).graph_break_count == 0
-    model.load_state_dict(state)
+    restore(model, state)
     eager = [model(x) for _ in range(3)]
     dy = torch.randn_like(eager[0])
     (ref,) = torch.autograd.grad(eager[0], x, dy)
-    model.load_state_dict(state)
+    restore(model, state)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch._dynamo.config.patch(error_on_recompile=True):
         outs = [compiled(x) for _ in range(3)]
     assert all(torch.equal(a, b) for a, b in zip(outs, eager))
-    assert model[1].get_extra_state() == {"key": 5, "calls": 3}
+    assert model[1].run_state() == {"key": 5, "calls": 3}
     (dx,) = torch.autograd.grad(outs[0], x, dy)
     assert torch.allclose(dx, ref)
 
@@ -211,7 +232,7 @@ def test_compiles_without_graph_breaks_or_recompiles_and_matches_eager():
 @pytest.mark.parametrize("skip_side_effects", [False, True])
 def test_compiled_checkpoint_recomputes_the_same_masks(skip_side_effects):
     model = nn.Sequential(Block(1), Block(2))
-    state = copy.deepcopy(model.state_dict())
+    state = snapshot(model)
     x = torch.randn(5, 12, requires_grad=True)
     plain = grads(model, state, x, model)
     torch._dynamo.reset()
@@ -231,7 +252,7 @@ def test_apply_low_memory_dropout_replaces_dropouts_only():
     assert isinstance(model[1], SeededDropout) and isinstance(model[3][0], SeededDropout)
     assert isinstance(model[2], nn.Dropout2d)
     assert (model[1].p, model[3][0].p, model[3][0].training) == (0.1, 0.3, False)
-    assert [m.get_extra_state()["key"] for m in (model[1], model[3][0])] == [10, 11]
+    assert [m.run_state()["key"] for m in (model[1], model[3][0])] == [10, 11]
 
 
 def test_apply_low_memory_dropout_warns_when_nothing_to_replace_and_checks_seed():

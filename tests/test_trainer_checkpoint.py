@@ -65,7 +65,7 @@ class CrashAt(Algorithm):
         raise KeyboardInterrupt("interrupted on purpose")
 
 
-#: slipstream's dropout replacements, whose masks / seed streams live in the model's state_dict.
+#: slipstream's dropout replacements, whose masks / seed streams are run state in the checkpoint.
 DROPOUT_METHODS = {"dropout": lambda: [], "gyro_dropout": lambda: [GyroDropout(sigma=8, tau=2)],
                    "low_memory_dropout": lambda: [LowMemoryDropout(seed=3)]}
 
@@ -122,7 +122,7 @@ def test_checkpoint_contents(tmp_path):
     checkpoint = torch.load(os.path.join(folder, LATEST), weights_only=True)
     assert checkpoint["timestamp"] == {"epoch": 0, "batch": 2, "sample": 32, "batch_in_epoch": 2}
     assert set(checkpoint["rng"][0]) >= {"python", "numpy", "torch"}
-    assert "0._extra_state" in checkpoint["model"]
+    assert "0._extra_state" in checkpoint["model"] and checkpoint["run_state"] == {}
     assert [a["name"] for a in checkpoint["algorithms"]] == ["LossRecorder", "BatchCounter", "CrashAt"]
     assert checkpoint["algorithms"][1]["state"] == {"count": 2}
     assert len(checkpoint["optimizers"]) == 1 and checkpoint["schedulers"][0]["last_epoch"] == 0

@@ -2,13 +2,14 @@
 
 The mask is regenerated from the seed in backward (:func:`slipstream.ops.seeded_dropout`), so no
 mask is kept for autograd. Seeds come from a :class:`~slipstream.nn.seed_stream.SeedStream` the
-module owns; its state is in the module's ``state_dict`` (as extra state), so a resumed run draws
-the same seeds, and it replays them when ``torch.utils.checkpoint`` recomputes the forward.
+module owns. Its ``state_dict`` is ``nn.Dropout``'s (empty), so checkpoints load both ways; the
+stream's position is run state (:mod:`slipstream.nn.run_state`), which a resumed run loads to draw
+the same seeds. The stream replays them when ``torch.utils.checkpoint`` recomputes the forward.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -17,10 +18,6 @@ from slipstream.nn.seed_stream import SeedStream, check_int64
 from slipstream.ops.dropout import seeded_dropout
 
 __all__ = ["SeededDropout"]
-
-# Key under which nn.Module stores get_extra_state() in a state_dict (torch's naming).
-_EXTRA_STATE_KEY = "_extra_state"
-
 
 def _check_p(p: object) -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float)):
@@ -77,19 +74,13 @@ class SeededDropout(nn.Module):
         self._seeds.watch(out)
         return out
 
-    def get_extra_state(self) -> dict[str, int]:
+    def run_state(self) -> dict[str, int]:
+        """The seed stream's position, ``{'key': ..., 'calls': ...}`` (see :mod:`slipstream.nn.run_state`)."""
         return self._seeds.state_dict()
 
-    def set_extra_state(self, state: Any) -> None:
+    def load_run_state(self, state: dict[str, int]) -> None:
+        """Continue the seed stream :meth:`run_state` returned."""
         self._seeds.load_state_dict(state)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        # A state_dict saved before surgery (nn.Dropout) has no seed stream: keep this module's.
-        if prefix + _EXTRA_STATE_KEY in missing_keys:
-            missing_keys.remove(prefix + _EXTRA_STATE_KEY)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, inplace={self.inplace}"

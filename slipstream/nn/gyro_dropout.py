@@ -10,9 +10,10 @@ samples: ``iter_num = floor(total_steps / sigma) * tau`` (at least 1), with
 
 State. Every random draw (the masks, then the schedule of active sets) happens once, on the first
 training forward (the feature width is unknown before), from a generator seeded with ``seed``.
-The masks, the schedule, the step counter and the seed live in ``state_dict`` (as the module's
-extra state, whose shapes need not match before the masks exist), so a run resumed from a
-checkpoint uses exactly the masks an uninterrupted run would have used. A run longer than planned
+The masks, the schedule, the step counter and the seed are run state
+(:mod:`slipstream.nn.run_state`), kept out of ``state_dict`` so that its keys stay those of
+``nn.Dropout`` (none): a run resumed with its run state uses exactly the masks an uninterrupted
+run would have used. A run longer than planned
 repeats the schedule from its start. Masks and schedule stay on the CPU; only the active set's
 ``(tau, features)`` scales live on the input's device.
 """
@@ -321,14 +322,16 @@ class GyroDropout(nn.Module):
 
     # ----- state ----------------------------------------------------------------------------------
 
-    def get_extra_state(self) -> dict:
+    def run_state(self) -> dict:
+        """Masks, schedule, step counter and seed (see :mod:`slipstream.nn.run_state`)."""
         return dict(
             step=self.step, seed=self.seed, p=self.p, sigma=self.sigma, tau=self.tau,
             iters_per_epoch=self.iters_per_epoch, max_epoch=self.max_epoch,
             masks=self.masks, schedule=self.schedule,
         )
 
-    def set_extra_state(self, state: dict) -> None:
+    def load_run_state(self, state: dict) -> None:
+        """Continue from what :meth:`run_state` returned (same ``p``, ``sigma`` and ``tau`` required)."""
         for name in ("p", "sigma", "tau"):
             if state[name] != getattr(self, name):
                 raise ValueError(
@@ -338,13 +341,6 @@ class GyroDropout(nn.Module):
         self.iters_per_epoch, self.max_epoch = state["iters_per_epoch"], state["max_epoch"]
         self.masks, self.schedule = _cpu_copy(state["masks"]), _cpu_copy(state["schedule"])
         self._scales = torch.empty(0, device=self._scales.device)  # rebuilt on the next training forward
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-        if prefix + "_extra_state" not in state_dict:
-            return  # a checkpoint from before surgery (plain nn.Dropout has no state): stay fresh
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, sigma={self.sigma}, tau={self.tau}, iter_num={self.iter_num}, step={self.step}"

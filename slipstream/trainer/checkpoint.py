@@ -1,4 +1,4 @@
-"""Checkpoints that resume a run exactly: model (with module extra state), optimizers, schedulers,
+"""Checkpoints that resume a run exactly: model, its modules' run state, optimizers, schedulers,
 GradScaler, timestamp, algorithm state, the data-order seed and every rank's RNG states.
 
 Files are ``<save_folder>/ep<epoch>-ba<batch>.pt`` plus ``latest.pt`` pointing at the newest; they
@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from slipstream.algorithms.base import Algorithm, State
+from slipstream.nn.run_state import load_run_state, save_run_state
 
 __all__ = ["FORMAT", "LATEST", "build_checkpoint", "save_checkpoint", "load_checkpoint", "restore_checkpoint"]
 
-FORMAT = "slipstream.trainer.checkpoint/1"
+FORMAT = "slipstream.trainer.checkpoint/2"  # 2: run state out of the model's state_dict
 LATEST = "latest.pt"
 
 
@@ -36,6 +37,7 @@ def build_checkpoint(state: State, algorithms: Sequence[Algorithm], scaler: Opti
         "format": FORMAT,
         "model_class": type(state.model).__name__,
         "model": state.model.state_dict(),
+        "run_state": save_run_state(state.model),
         "optimizers": [optimizer.state_dict() for optimizer in state.optimizers],
         "schedulers": [scheduler.state_dict() for scheduler in state.schedulers],
         "scaler": None if scaler is None else scaler.state_dict(),
@@ -133,6 +135,7 @@ def restore_checkpoint(checkpoint: dict[str, Any], state: State, algorithms: Seq
     _check_counts("optimizers", len(checkpoint["optimizers"]), len(state.optimizers))
     _check_counts("schedulers", len(checkpoint["schedulers"]), len(state.schedulers))
     state.model.load_state_dict(checkpoint["model"])
+    load_run_state(state.model, checkpoint["run_state"])
     for optimizer, saved in zip(state.optimizers, checkpoint["optimizers"]):
         optimizer.load_state_dict(saved)
     for scheduler, saved in zip(state.schedulers, checkpoint["schedulers"]):
