@@ -40,9 +40,9 @@ def trace_on_fake_cuda() -> dict:
     kernels._multiprocessors = lambda device: 132  # the H100's count; no device to ask
 
     def step(x, w, b, seeds, seed):
-        y, mean, rstd = torch.ops.slipstream.layer_norm_fwd(x, w, b, 1, 1e-5, None)
+        y, stats = torch.ops.slipstream.layer_norm_fwd(x, w, b, 1, 1e-5, None)
         y = torch.ops.slipstream.seeded_dropout_rows(torch.ops.slipstream.seeded_dropout(y, 0.1, seed), 0.2, seeds)
-        return y, torch.ops.slipstream.layer_norm_bwd(y, x, w, mean, rstd, 1, torch.float32)
+        return y, torch.ops.slipstream.layer_norm_bwd(y, x, w, stats, 1, torch.float32)
 
     mode = FakeTensorMode(shape_env=ShapeEnv())
     rows = mode.from_tensor(
@@ -96,8 +96,10 @@ def test_body_backend_choice_on_cpu():
     assert launcher(False)(len) is len
 
 
-def test_compiled_cpu_code_matches_eager():
-    """Compiled CPU code runs the fallback through the traced bodies: same values as eager."""
+@pytest.mark.parametrize("layer_norm_path", ["inductor", "kernel"])
+def test_compiled_cpu_code_matches_eager(monkeypatch, layer_norm_path):
+    """Compiled CPU code (LayerNorm as PyTorch math, or the traced op bodies) gives eager's values."""
+    monkeypatch.setattr("slipstream.config.compiled_layer_norm", layer_norm_path)
     x = (torch.randn(5, 3, 33) * 2 + 1).requires_grad_()
     w, b = torch.randn(33, requires_grad=True), torch.randn(33, requires_grad=True)
 

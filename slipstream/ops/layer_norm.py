@@ -1,12 +1,13 @@
 """LayerNorm as ``torch.library`` ops: Triton kernels on CUDA, a pure-PyTorch fallback elsewhere.
 
-:func:`layer_norm` is the public op. Under ``torch.compile`` it is two ``triton_op`` s,
-``slipstream::layer_norm_fwd`` and ``slipstream::layer_norm_bwd``, with a registered autograd
-formula; the compiler traces their bodies (shape logic, allocations, ``wrap_triton`` launches, see
+:func:`layer_norm` is the public op. Under ``torch.compile`` it traces, by default, as the same
+math in PyTorch ops, which Inductor fuses with its neighbours (see :data:`slipstream.config.compiled_layer_norm`); or as
+two ``triton_op`` s, ``slipstream::layer_norm_fwd`` and ``slipstream::layer_norm_bwd``, with a
+registered autograd formula: the compiler traces their bodies (shape logic, allocations, ``wrap_triton`` launches, see
 :mod:`slipstream.ops._triton_op`), so models that use them trace without graph breaks and the
 compiled code launches the kernels itself, with no Python of ours per call. In eager mode the same
 two functions run through a plain ``autograd.Function`` with direct launches (less CPU time per
-call), so compiled and eager numerics are identical. Both call the kernels of
+call), so the op's compiled and eager numerics are identical. Both call the kernels of
 :mod:`slipstream.ops.kernels.layer_norm` when :func:`~slipstream.ops._backend.use_triton` says so,
 and :func:`layer_norm_forward_reference` / :func:`layer_norm_backward_reference` otherwise (also when
 compiling CPU code under Triton's interpreter, whose kernels cannot be traced).
@@ -27,8 +28,10 @@ import math
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from slipstream import config
 from slipstream.ops._backend import use_triton
 from slipstream.ops._triton_op import body_uses_triton, register_triton_op
 
@@ -62,9 +65,26 @@ def layer_norm(
     """
     shape = _validate(x, normalized_shape, weight, bias, eps, out_dtype)
     args = (x, weight, bias, len(shape), float(eps), out_dtype)
-    if torch.compiler.is_compiling():  # traced: the triton_op, whose kernel launches the compiler sees
-        return torch.ops.slipstream.layer_norm_fwd(*args)[0]
+    if torch.compiler.is_compiling():
+        path = config.compiled_layer_norm
+        if path == "inductor":
+            return _math_for_inductor(x, shape, weight, bias, float(eps), out_dtype)
+        if path != "kernel":
+            raise ValueError(f"slipstream.config.compiled_layer_norm must be 'inductor' or 'kernel', got {path!r}")
+        return torch.ops.slipstream.layer_norm_fwd(*args)[0]  # the triton_op, whose launches the compiler sees
     return _EagerLayerNorm.apply(*args)
+
+
+def _math_for_inductor(
+    x: Tensor, shape: tuple[int, ...], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+    out_dtype: Optional[torch.dtype],
+) -> Tensor:
+    """The op's function in PyTorch ops, for Inductor to fuse: fp32 math, ``out_dtype`` out."""
+    compute = _compute_dtype(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        y = F.layer_norm(x.to(compute), shape, None if weight is None else weight.to(compute),
+                         None if bias is None else bias.to(compute), eps)
+    return y.to(out_dtype or x.dtype)
 
 
 def _validate(
@@ -108,13 +128,27 @@ def _as_rows(t: Tensor, normalized_ndim: int) -> Tensor:
     return rows if rows.stride(1) == 1 or n == 1 else rows.contiguous()
 
 
+def _kernel_rows(t: Tensor, normalized_ndim: int) -> Tensor:
+    """``t`` as the kernels read it: itself when contiguous over one normalized dim, else ``_as_rows``.
+
+    Skipping the reshape matters: each view op costs host time on every call, and eager training
+    steps of real models are host-bound.
+    """
+    return t if normalized_ndim == 1 and t.is_contiguous() else _as_rows(t, normalized_ndim)
+
+
 def _flat(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.reshape(-1)
+    """A weight or bias as a contiguous 1-D tensor (the kernels read it with unit stride)."""
+    if t is None or (t.dim() == 1 and t.is_contiguous()):
+        return t
+    return t.contiguous().view(-1)
 
 
-def _kernels_apply(*tensors: Tensor, traceable: bool) -> bool:
-    backend_says = body_uses_triton if traceable else use_triton
-    return all(t.numel() > 0 and t.dtype in _KERNEL_DTYPES for t in tensors) and backend_says(tensors[0])
+def _kernels_apply(x: Tensor, dtype: torch.dtype, traceable: bool) -> bool:
+    """Whether the kernels run for input ``x`` (and a second tensor of ``dtype``), or the fallback."""
+    if x.dtype not in _KERNEL_DTYPES or dtype not in _KERNEL_DTYPES or x.numel() == 0:
+        return False
+    return body_uses_triton(x) if traceable else use_triton(x)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -180,56 +214,60 @@ def _forward(
     eps: float,
     out_dtype: Optional[torch.dtype],
     traceable: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(y, mean, rstd)``: y shaped like x; mean and rstd fp32 (float64 for float64 x), one per row.
+) -> tuple[Tensor, Tensor]:
+    """``(y, stats)``: y shaped like x; stats ``[2, rows]`` (means, rstds), fp32 (float64 for float64 x).
 
     ``traceable``: called from the ``triton_op`` body, whose kernel launches tracing must capture.
     """
-    rows = _as_rows(x, normalized_ndim)
-    args = (rows, _flat(weight), _flat(bias), eps, out_dtype or x.dtype)
-    if _kernels_apply(rows, traceable=traceable):
+    out_dtype = out_dtype or x.dtype
+    if _kernels_apply(x, x.dtype, traceable):
         from slipstream.ops.kernels import layer_norm as kernels
 
-        y, mean, rstd = kernels.forward(*args, traceable=traceable)
-    else:
-        y, mean, rstd = layer_norm_forward_reference(*args)
-    return y.reshape(x.shape), mean, rstd
+        y, stats = kernels.forward(_kernel_rows(x, normalized_ndim), _flat(weight), _flat(bias), eps, out_dtype,
+                                   traceable=traceable)
+        return (y if y.dim() == x.dim() else y.view(x.shape)), stats
+    rows = _as_rows(x, normalized_ndim)
+    y, mean, rstd = layer_norm_forward_reference(rows, _flat(weight), _flat(bias), eps, out_dtype)
+    return y.reshape(x.shape), torch.stack((mean, rstd))
 
 
 def _backward(
     dy: Tensor,
     x: Tensor,
     weight: Optional[Tensor],
-    mean: Tensor,
-    rstd: Tensor,
+    stats: Tensor,
     normalized_ndim: int,
     bias_dtype: Optional[torch.dtype],
     traceable: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dx, dw, db)``; dw (db) is an empty tensor when there is no weight (bias); ``traceable`` as in _forward."""
-    dy_rows, x_rows = _as_rows(dy, normalized_ndim), _as_rows(x, normalized_ndim)
-    args = (dy_rows, x_rows, _flat(weight), mean, rstd, bias_dtype)
-    if _kernels_apply(dy_rows, x_rows, traceable=traceable):
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """``(dx, dw, db)``; dw (db) is None when there is no weight (bias); ``traceable`` as in _forward."""
+    if _kernels_apply(x, dy.dtype, traceable):
         from slipstream.ops.kernels import layer_norm as kernels
 
-        dx, dw, db = kernels.backward(*args, traceable=traceable)
+        dx, dw, db = kernels.backward(_kernel_rows(dy, normalized_ndim), _kernel_rows(x, normalized_ndim),
+                                      _flat(weight), stats, bias_dtype, traceable=traceable)
     else:
-        dx, dw, db = layer_norm_backward_reference(*args)
-    dw = x.new_empty(0) if dw is None else dw.view(weight.shape)
-    db = x.new_empty(0) if db is None else db.view(x.shape[x.dim() - normalized_ndim:])
-    return dx.reshape(x.shape), dw, db
+        mean, rstd = stats.unbind()
+        dx, dw, db = layer_norm_backward_reference(
+            _as_rows(dy, normalized_ndim), _as_rows(x, normalized_ndim), _flat(weight), mean, rstd, bias_dtype
+        )
+    if normalized_ndim > 1:  # the kernels and the fallback work on flat rows
+        shape = x.shape[x.dim() - normalized_ndim:]
+        dw = None if dw is None else dw.view(shape)
+        db = None if db is None else db.view(shape)
+    return (dx if dx.dim() == x.dim() else dx.view(x.shape)), dw, db
 
 
-def _save_for_backward(ctx, x, weight, bias, mean, rstd, normalized_ndim) -> None:
-    ctx.save_for_backward(x, weight, mean, rstd)
+def _save_for_backward(ctx, x, weight, bias, stats, normalized_ndim) -> None:
+    ctx.save_for_backward(x, weight, stats)
     ctx.normalized_ndim = normalized_ndim
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _gradients(ctx, dy: Tensor, backward) -> tuple[Optional[Tensor], ...]:
     """Gradients for (x, weight, bias, normalized_ndim, eps, out_dtype), computed by ``backward``."""
-    x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = backward(dy, x, weight, mean, rstd, ctx.normalized_ndim, ctx.bias_dtype)
+    x, weight, stats = ctx.saved_tensors
+    dx, dw, db = backward(dy, x, weight, stats, ctx.normalized_ndim, ctx.bias_dtype)
     return dx, (None if weight is None else dw), (None if ctx.bias_dtype is None else db), None, None, None
 
 
@@ -242,8 +280,8 @@ class _EagerLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, normalized_ndim, eps, out_dtype):
-        y, mean, rstd = _forward(x, weight, bias, normalized_ndim, eps, out_dtype)
-        _save_for_backward(ctx, x, weight, bias, mean, rstd, normalized_ndim)
+        y, stats = _forward(x, weight, bias, normalized_ndim, eps, out_dtype)
+        _save_for_backward(ctx, x, weight, bias, stats, normalized_ndim)
         return y
 
     @staticmethod
@@ -258,7 +296,7 @@ def _forward_op_body(
     normalized_ndim: int,
     eps: float,
     out_dtype: Optional[torch.dtype],
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     return _forward(x, weight, bias, normalized_ndim, eps, out_dtype, traceable=True)
 
 
@@ -266,12 +304,13 @@ def _backward_op_body(
     dy: Tensor,
     x: Tensor,
     weight: Optional[Tensor],
-    mean: Tensor,
-    rstd: Tensor,
+    stats: Tensor,
     normalized_ndim: int,
     bias_dtype: Optional[torch.dtype],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _backward(dy, x, weight, mean, rstd, normalized_ndim, bias_dtype, traceable=True)
+    """As :func:`_backward`, with empty tensors for absent gradients (an op returns tensors only)."""
+    dx, dw, db = _backward(dy, x, weight, stats, normalized_ndim, bias_dtype, traceable=True)
+    return dx, (x.new_empty(0) if dw is None else dw), (x.new_empty(0) if db is None else db)
 
 
 # Their fake (shape-only) implementations are the bodies themselves, run on fake tensors.
@@ -281,12 +320,12 @@ _layer_norm_bwd = register_triton_op("slipstream::layer_norm_bwd", _backward_op_
 
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, normalized_ndim, _eps, _out_dtype = inputs
-    _y, mean, rstd = output
-    _save_for_backward(ctx, x, weight, bias, mean, rstd, normalized_ndim)
-    ctx.mark_non_differentiable(mean, rstd)
+    _y, stats = output
+    _save_for_backward(ctx, x, weight, bias, stats, normalized_ndim)
+    ctx.mark_non_differentiable(stats)
 
 
-def _backward_of_op(ctx, dy, _dmean, _drstd):
+def _backward_of_op(ctx, dy, _dstats):
     return _gradients(ctx, dy, torch.ops.slipstream.layer_norm_bwd)
 
 

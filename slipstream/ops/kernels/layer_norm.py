@@ -170,10 +170,11 @@ def _store_rows(ptr, value, rows, cols, M, N):
 # M (the row count) is not specialized on: batch shapes vary, and each value would compile anew.
 @triton.jit(do_not_specialize=["M"])
 def _forward_rows_kernel(
-    X, Y, W, B, Mean, Rstd, M, N, stride_x, eps,
+    X, Y, W, B, Stats, M, N, stride_x, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREFETCH: tl.constexpr,
 ):
+    # Stats is [2, M]: the means, then the rstds (one allocation instead of two).
     # Persistent: each program walks row blocks with a stride, loading the next block before it
     # reduces the current one, so a load is always in flight while the reductions wait.
     cols = tl.arange(0, BLOCK_N)
@@ -202,13 +203,13 @@ def _forward_rows_kernel(
         if HAS_BIAS:
             y = y + b[None, :]
         _store_rows(Y, y, rows, cols, M, N)
-        tl.store(Mean + rows, mean, mask=rows < M)
-        tl.store(Rstd + rows, rstd, mask=rows < M)
+        tl.store(Stats + rows, mean, mask=rows < M)
+        tl.store(Stats + M + rows, rstd, mask=rows < M)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _forward_looped_kernel(
-    X, Y, W, B, Mean, Rstd, N, stride_x, eps,
+    X, Y, W, B, Stats, M, N, stride_x, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -237,8 +238,19 @@ def _forward_looped_kernel(
         x = tl.load(x_row + cols, mask=ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
         y = _scale_shift((x - mean) * rstd, W, B, cols, ok, HAS_WEIGHT, HAS_BIAS)
         tl.store(y_row + cols, y.to(Y.dtype.element_ty), mask=ok)
-    tl.store(Mean + row, mean)
-    tl.store(Rstd + row, rstd)
+    tl.store(Stats + row, mean)
+    tl.store(Stats + M + row, rstd)
+
+
+def _matrix(t: torch.Tensor) -> tuple[int, int, int]:
+    """``(rows, row width, row stride)`` of ``t`` read as its rows of ``t.shape[-1]`` elements.
+
+    ``t``'s last dimension must have unit stride and its leading dimensions must flatten to one
+    row stride (true of contiguous tensors and of 2-D ones); callers take care of that.
+    """
+    n = t.shape[-1]
+    # A contiguous tensor's rows are n apart whatever strides its size-1 dimensions report.
+    return t.numel() // n, n, (n if t.is_contiguous() else t.stride(0))
 
 
 def forward(
@@ -249,21 +261,23 @@ def forward(
     out_dtype: torch.dtype,
     tiling: Optional[Tiling] = None,
     traceable: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LayerNorm of each row of ``x`` (``[M, N]``, unit column stride): ``(y, mean, rstd)``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm of each row of ``x`` (its last dimension): ``(y, stats)``.
 
-    ``y`` is contiguous in ``out_dtype``; ``mean`` and ``rstd`` are fp32 of shape ``[M]``.
-    ``tiling`` overrides :func:`default_tiling` (benchmarks use it to tune). ``traceable``: launch
-    through ``wrap_triton``, as a ``triton_op`` body must (see :mod:`slipstream.ops._triton_op`).
+    ``x`` is 2-D with unit column stride, or contiguous of any shape (read as rows; no reshape, which
+    costs host time per call). ``y`` is contiguous, shaped like ``x``, in ``out_dtype``; ``stats``
+    is fp32 ``[2, rows]``: the means, then the reciprocal standard deviations. ``weight``/``bias``
+    are contiguous with one element per column. ``tiling`` overrides :func:`default_tiling`
+    (benchmarks use it to tune). ``traceable``: launch through ``wrap_triton``, as a
+    ``triton_op`` body must (see :mod:`slipstream.ops._triton_op`).
 
     Example:
         >>> x = torch.randn(6, 100, device='cuda', dtype=torch.bfloat16)
-        >>> y, mean, rstd = forward(x, None, None, 1e-5, torch.bfloat16)
+        >>> y, stats = forward(x, None, None, 1e-5, torch.bfloat16)
     """
-    m, n = x.shape
-    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    mean = torch.empty(m, dtype=torch.float32, device=x.device)
-    rstd = torch.empty_like(mean)
+    m, n, row_stride = _matrix(x)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    stats = torch.empty((2, m), dtype=torch.float32, device=x.device)
     tiling = tiling or default_tiling("forward", n, x.element_size())
     launch = launcher(traceable)
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, num_warps=tiling.num_warps)
@@ -272,14 +286,14 @@ def forward(
     if tiling.block_n >= n:
         grid = (_programs(tiling, triton.cdiv(m, tiling.block_m), x.device),)
         launch(_forward_rows_kernel)[grid](
-            x, y, w, b, mean, rstd, m, n, x.stride(0), eps,
+            x, y, w, b, stats, m, n, row_stride, eps,
             BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, PREFETCH=tiling.prefetch, **flags,
         )
     else:
         launch(_forward_looped_kernel)[(m,)](
-            x, y, w, b, mean, rstd, n, x.stride(0), eps, BLOCK_N=tiling.block_n, **flags
+            x, y, w, b, stats, m, n, row_stride, eps, BLOCK_N=tiling.block_n, **flags
         )
-    return y, mean, rstd
+    return y, stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,16 +301,17 @@ def forward(
 
 
 @triton.jit
-def _dx_tile(DX, x, dy, w, Mean, Rstd, MeanGX, MeanG, rows, cols, M, N,
+def _dx_tile(DX, x, dy, w, Stats, RowMeans, rows, cols, M, N,
              HAS_WEIGHT: tl.constexpr, ROW_MEANS_GIVEN: tl.constexpr):
     """Write dx for a tile of raw x, dy; return ``(dy * xhat, dy)`` for the dW/dB sums.
 
-    The row means of ``g * xhat`` and ``g`` come from MeanGX/MeanG when ROW_MEANS_GIVEN (the
-    column-tiled path), else from this tile, which then holds whole rows.
+    ``Stats`` is the forward's ``[2, M]`` (means, rstds). The row means of ``g * xhat`` and ``g``
+    come from ``RowMeans`` (``[2, M]``, same order) when ROW_MEANS_GIVEN (the column-tiled path),
+    else from this tile, which then holds whole rows.
     """
     row_ok = rows < M
-    mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
-    rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+    mean = tl.load(Stats + rows, mask=row_ok, other=0.0)
+    rstd = tl.load(Stats + M + rows, mask=row_ok, other=0.0)
     dy = dy.to(tl.float32)
     # Masked rows and columns have dy = 0, so they add nothing to the sums.
     xhat = (x.to(tl.float32) - mean[:, None]) * rstd[:, None]
@@ -305,8 +320,8 @@ def _dx_tile(DX, x, dy, w, Mean, Rstd, MeanGX, MeanG, rows, cols, M, N,
     else:
         g = dy
     if ROW_MEANS_GIVEN:
-        mean_gx = tl.load(MeanGX + rows, mask=row_ok, other=0.0)
-        mean_g = tl.load(MeanG + rows, mask=row_ok, other=0.0)
+        mean_gx = tl.load(RowMeans + rows, mask=row_ok, other=0.0)
+        mean_g = tl.load(RowMeans + M + rows, mask=row_ok, other=0.0)
     else:
         mean_gx = tl.sum(g * xhat, axis=1) / N
         mean_g = tl.sum(g, axis=1) / N
@@ -316,7 +331,7 @@ def _dx_tile(DX, x, dy, w, Mean, Rstd, MeanGX, MeanG, rows, cols, M, N,
 
 @triton.jit
 def _backward_tiles(
-    DY, X, W, Mean, Rstd, MeanGX, MeanG, DX, Partials, M, N, stride_dy, stride_x,
+    DY, X, W, Stats, RowMeans, DX, Partials, M, N, stride_dy, stride_x,
     cols, first_block, block_step, partial_row, n_partials,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_MEANS_GIVEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
@@ -352,7 +367,7 @@ def _backward_tiles(
         else:
             x = _load_rows(X, rows, cols, M, N, stride_x)
             dy = _load_rows(DY, rows, cols, M, N, stride_dy)
-        dw_tile, db_tile = _dx_tile(DX, x, dy, w, Mean, Rstd, MeanGX, MeanG, rows, cols, M, N,
+        dw_tile, db_tile = _dx_tile(DX, x, dy, w, Stats, RowMeans, rows, cols, M, N,
                                     HAS_WEIGHT, ROW_MEANS_GIVEN)
         dw_acc += dw_tile
         db_acc += db_tile
@@ -364,26 +379,26 @@ def _backward_tiles(
 
 @triton.jit(do_not_specialize=["M"])
 def _backward_rows_kernel(
-    DY, X, W, Mean, Rstd, DX, Partials, M, N, stride_dy, stride_x,
+    DY, X, W, Stats, DX, Partials, M, N, stride_dy, stride_x,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREFETCH: tl.constexpr,
 ):
     program = tl.program_id(0)
     _backward_tiles(
-        DY, X, W, Mean, Rstd, Mean, Rstd, DX, Partials, M, N, stride_dy, stride_x,
+        DY, X, W, Stats, Stats, DX, Partials, M, N, stride_dy, stride_x,
         tl.arange(0, BLOCK_N), program, tl.num_programs(0), program, tl.num_programs(0),
         HAS_WEIGHT, HAS_BIAS, False, BLOCK_M, BLOCK_N, PREFETCH,
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _backward_row_means_kernel(
-    DY, X, W, Mean, Rstd, MeanGX, MeanG, N, stride_dy, stride_x,
+    DY, X, W, Stats, RowMeans, M, N, stride_dy, stride_x,
     HAS_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    mean = tl.load(Mean + row)
-    rstd = tl.load(Rstd + row)
+    mean = tl.load(Stats + row)
+    rstd = tl.load(Stats + M + row)
     offsets = tl.arange(0, BLOCK_N)
     acc_gx = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -397,19 +412,19 @@ def _backward_row_means_kernel(
             dy = dy * tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
         acc_gx += dy * (x - mean) * rstd
         acc_g += dy
-    tl.store(MeanGX + row, tl.sum(acc_gx, axis=0) / N)
-    tl.store(MeanG + row, tl.sum(acc_g, axis=0) / N)
+    tl.store(RowMeans + row, tl.sum(acc_gx, axis=0) / N)
+    tl.store(RowMeans + M + row, tl.sum(acc_g, axis=0) / N)
 
 
 @triton.jit(do_not_specialize=["M"])
 def _backward_columns_kernel(
-    DY, X, W, Mean, Rstd, MeanGX, MeanG, DX, Partials, M, N, stride_dy, stride_x,
+    DY, X, W, Stats, RowMeans, DX, Partials, M, N, stride_dy, stride_x,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREFETCH: tl.constexpr,
 ):
     group = tl.program_id(1)
     _backward_tiles(
-        DY, X, W, Mean, Rstd, MeanGX, MeanG, DX, Partials, M, N, stride_dy, stride_x,
+        DY, X, W, Stats, RowMeans, DX, Partials, M, N, stride_dy, stride_x,
         tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N), group, tl.num_programs(1), group, tl.num_programs(1),
         HAS_WEIGHT, HAS_BIAS, True, BLOCK_M, BLOCK_N, PREFETCH,
     )
@@ -443,30 +458,31 @@ def backward(
     dy: torch.Tensor,
     x: torch.Tensor,
     weight: Optional[torch.Tensor],
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
+    stats: torch.Tensor,
     bias_dtype: Optional[torch.dtype],
     tiling: Optional[Tiling] = None,
     traceable: bool = False,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Gradients of :func:`forward`: ``(dx, dw, db)`` for ``dy`` and ``x`` of shape ``[M, N]``.
+    """Gradients of :func:`forward`: ``(dx, dw, db)`` for ``dy`` and ``x`` of one shape.
 
-    ``dy`` and ``x`` need unit column stride; ``dx`` is contiguous in ``x``'s dtype, ``dw`` in
-    ``weight``'s dtype (None without weight) and ``db`` in ``bias_dtype`` (None when that is None).
-    ``tiling`` overrides :func:`default_tiling` (benchmarks use it to tune); ``traceable`` as in
-    :func:`forward`.
+    ``dy`` and ``x`` are each 2-D with unit column stride or contiguous (as in :func:`forward`;
+    their row strides may differ); ``stats`` is the forward's. ``dx`` is contiguous in ``x``'s
+    dtype, ``dw`` in ``weight``'s dtype (None without weight) and ``db`` in ``bias_dtype`` (None
+    when that is None). ``tiling`` overrides :func:`default_tiling` (benchmarks use it to tune);
+    ``traceable`` as in :func:`forward`.
 
     Example:
         >>> x = torch.randn(6, 100, device='cuda')
         >>> w = torch.randn(100, device='cuda')
-        >>> y, mean, rstd = forward(x, w, None, 1e-5, x.dtype)
-        >>> dx, dw, db = backward(torch.randn_like(y), x, w, mean, rstd, None)
+        >>> y, stats = forward(x, w, None, 1e-5, x.dtype)
+        >>> dx, dw, db = backward(torch.randn_like(y), x, w, stats, None)
     """
-    m, n = x.shape
+    m, n, stride_x = _matrix(x)
+    stride_dy = _matrix(dy)[2]
     device = x.device
     tiling = tiling or default_tiling("backward", n, x.element_size())
     launch = launcher(traceable)
-    dx = torch.empty((m, n), dtype=x.dtype, device=device)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=device)
     has_weight, has_bias = weight is not None, bias_dtype is not None
     flags = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
                  PREFETCH=tiling.prefetch, num_warps=tiling.num_warps)
@@ -475,21 +491,19 @@ def backward(
         n_partials = _programs(tiling, triton.cdiv(m, tiling.block_m), device)
         partials = torch.empty((2, n_partials, n), dtype=torch.float32, device=device)
         launch(_backward_rows_kernel)[(n_partials,)](
-            dy, x, w, mean, rstd, dx, partials, m, n, dy.stride(0), x.stride(0), **flags
+            dy, x, w, stats, dx, partials, m, n, stride_dy, stride_x, **flags
         )
     else:
         col_blocks = triton.cdiv(n, tiling.block_n)
         n_partials = triton.cdiv(_programs(tiling, col_blocks * triton.cdiv(m, tiling.block_m), device), col_blocks)
-        mean_gx = torch.empty(m, dtype=torch.float32, device=device)
-        mean_g = torch.empty_like(mean_gx)
+        row_means = torch.empty((2, m), dtype=torch.float32, device=device)  # mean(g * xhat), mean(g)
         launch(_backward_row_means_kernel)[(m,)](
-            dy, x, w, mean, rstd, mean_gx, mean_g, n, dy.stride(0), x.stride(0),
+            dy, x, w, stats, row_means, m, n, stride_dy, stride_x,
             HAS_WEIGHT=has_weight, BLOCK_N=4096, num_warps=8,
         )
         partials = torch.empty((2, n_partials, n), dtype=torch.float32, device=device)
         launch(_backward_columns_kernel)[(col_blocks, n_partials)](
-            dy, x, w, mean, rstd, mean_gx, mean_g, dx, partials, m, n, dy.stride(0), x.stride(0),
-            **flags,
+            dy, x, w, stats, row_means, dx, partials, m, n, stride_dy, stride_x, **flags,
         )
     dw = torch.empty(n, dtype=weight.dtype, device=device) if has_weight else None
     db = torch.empty(n, dtype=bias_dtype, device=device) if has_bias else None
