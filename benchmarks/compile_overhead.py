@@ -4,29 +4,32 @@ Run: ``PYTHONPATH=. python benchmarks/compile_overhead.py [--out compile_overhea
 
 1. Checks (CUDA, random inputs): compiled == eager, bit for bit, for layer_norm followed by
    seeded_dropout and seeded_dropout_rows, forward and backward (output and the gradients of x,
-   weight and bias), at three shapes, the last with the wide-row kernels. The compiled path traces
-   the ``triton_op`` bodies; eager mode launches the same kernels directly. Also counts Inductor's
+   weight and bias), at three shapes, the last with the wide-row kernels, with
+   ``slipstream.config.compiled_layer_norm = 'kernel'``: the compiled path traces the ``triton_op``
+   bodies; eager mode launches the same kernels directly. Also counts Inductor's
    warnings that it could not analyse which tensors a traced kernel writes (it then clones them all).
 2. Timing: 12 blocks of ``x + Dropout(Linear(GELU(Linear(LayerNorm(x)))))`` (768 -> 3072 -> 768),
    batch 8 x 512 tokens, bf16 autocast, forward + backward: nn.LayerNorm/nn.Dropout against
    FusedLayerNorm/SeededDropout (``apply_fused_layernorm`` + ``apply_low_memory_dropout``), in eager
-   mode and under ``torch.compile``. Median step time from CUDA events, and the median host time to
+   mode and under ``torch.compile`` (ours with each ``compiled_layer_norm`` path). Median step time from CUDA events, and the median host time to
    enqueue a step (its Python and launch cost, with no synchronization).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import slipstream.config
 import slipstream.functional as sf
 from benchmarks.common import Table, command_line, environment_line, write_section
 from slipstream.ops import layer_norm, seeded_dropout, seeded_dropout_rows
@@ -120,13 +123,27 @@ def time_stack(table: Table, steps: int) -> None:
     sf.apply_fused_layernorm(ours)
     sf.apply_low_memory_dropout(ours, seed=0)
     x = torch.randn(BATCH, TOKENS, WIDTH, device="cuda")
-    for mode in ("eager", "torch.compile"):
-        for name, model in (("nn.LayerNorm + nn.Dropout", base), ("FusedLayerNorm + SeededDropout", ours)):
-            torch._dynamo.reset()
+    runs = [("eager", "nn.LayerNorm + nn.Dropout", base, None), ("eager", "FusedLayerNorm + SeededDropout", ours, None),
+            ("torch.compile", "nn.LayerNorm + nn.Dropout", base, None)]
+    runs += [("torch.compile", f"FusedLayerNorm ({path}) + SeededDropout", ours, path) for path in ("inductor", "kernel")]
+    for mode, name, model, layer_norm_path in runs:
+        torch._dynamo.reset()
+        with _compiled_layer_norm(layer_norm_path or slipstream.config.compiled_layer_norm):
             run = model if mode == "eager" else torch.compile(model)
             first, device_ms, host_ms = _time_steps(run, x, steps)
-            table.add(mode, name, first, device_ms, host_ms)
-            print(table.rows[-1], flush=True)
+        table.add(mode, name, first, device_ms, host_ms)
+        print(table.rows[-1], flush=True)
+
+
+@contextlib.contextmanager
+def _compiled_layer_norm(path: str) -> Iterator[None]:
+    """Trace slipstream's LayerNorm as ``path`` ('inductor' or 'kernel') inside the block."""
+    saved = slipstream.config.compiled_layer_norm
+    slipstream.config.compiled_layer_norm = path
+    try:
+        yield
+    finally:
+        slipstream.config.compiled_layer_norm = saved
 
 
 def main() -> None:
@@ -138,7 +155,8 @@ def main() -> None:
     logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").addHandler(warnings)
 
     checks = Table(["ops", "shape", "compiled == eager (bits)", "max abs diff"])
-    check_compiled_equals_eager(checks)
+    with _compiled_layer_norm("kernel"):  # the triton_op path: the same kernels as eager, so the same bits
+        check_compiled_equals_eager(checks)
     print(checks.markdown(), flush=True)
     timings = Table(["mode", "norms + dropouts", "first step (s)", "step (ms, CUDA events)", "host enqueue (ms)"])
     time_stack(timings, args.steps)

@@ -75,8 +75,8 @@ def profile_top(fn: Callable[[], None], calls: int = 100, top: int = 25) -> str:
 
 def run() -> str:
     x = torch.randn(8, 512, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(768, device="cuda", requires_grad=True)
-    b = torch.randn(768, device="cuda", requires_grad=True)
+    w = torch.randn(768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn_like(x)
     table = Table(["op", "pass", "torch us/call", "slipstream us/call", "ratio"])
     profiles = []

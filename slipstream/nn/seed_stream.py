@@ -21,7 +21,7 @@ setting each such region is a graph break (and runs eagerly, with correct masks)
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import Tensor
@@ -95,8 +95,8 @@ class SeedStream:
         self._replay_node: Any = None
         self._replay_cursor = 0
 
-    def next(self) -> Tensor:
-        """The seed for this call as a 0-d int64 CPU tensor (replayed during recomputation)."""
+    def next(self) -> Union[int, Tensor]:
+        """The seed for this call (replayed during recomputation): an int, or a 0-d int64 CPU tensor when compiling."""
         if torch.compiler.is_compiling():
             # Pure op plus a rebound state: compiled checkpointing recomputes the seed from the old state.
             seed = _stream_seed_op(self.state)
@@ -110,10 +110,10 @@ class SeedStream:
             self._backward_seen = False
         return self._draw()
 
-    def _draw(self) -> Tensor:
+    def _draw(self) -> int:
         key, calls = self.state.tolist()
         self.state = torch.tensor([key, calls + 1], dtype=torch.int64)
-        return torch.tensor(stream_seed(key, calls), dtype=torch.int64)
+        return stream_seed(key, calls)
 
     def watch(self, output: Tensor) -> None:
         """Note when backward reaches ``output`` (a call's result): the next call starts a new phase."""
@@ -123,7 +123,7 @@ class SeedStream:
     def _on_backward(self, grad: Tensor) -> None:
         self._backward_seen = True
 
-    def _replay(self, task: int) -> Tensor:
+    def _replay(self, task: int) -> int:
         self._backward_seen = True
         node = torch._C._current_autograd_node()
         if task != self._replay_task:
@@ -148,7 +148,7 @@ class SeedStream:
                 stacklevel=3,
             )
             return self._draw()
-        return torch.tensor(stream_seed(key, index), dtype=torch.int64)
+        return stream_seed(key, index)
 
     def state_dict(self) -> dict[str, int]:
         """``{'key': ..., 'calls': ...}``: everything needed to continue the stream."""

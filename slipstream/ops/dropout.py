@@ -101,7 +101,7 @@ def seeded_dropout_reference(x: Tensor, p: float, seed: Union[int, Tensor]) -> T
         >>> torch.equal(seeded_dropout_reference(x, 0.5, 1), seeded_dropout_reference(x, 0.5, 1))
         True
     """
-    key = _seed_tensor(seed).to(x.device)
+    key = _seed_tensor(_checked_seed(seed)).to(x.device)
     return _apply_mask(x, keep_mask(key, p, x.numel()).view(x.shape), p)
 
 
@@ -116,28 +116,45 @@ def seeded_dropout_rows_reference(x: Tensor, p: float, seeds: Tensor) -> Tensor:
     return _apply_mask(x, keep_mask(seeds.to(x.device), p, x.shape[1]), p)
 
 
-def _dropout_2d(x: Tensor, p: float, key: Tensor, traceable: bool = False) -> Tensor:
-    """Dropout of a 2-D ``x`` keyed by ``key``: one int64 seed per row (1-D) or one for all rows (0-d).
+def _kernels_apply(x: Tensor, traceable: bool) -> bool:
+    return body_uses_triton(x) if traceable else use_triton(x)
+
+
+def _launch(x: Tensor, out: Tensor, p: float, key: Union[int, Tensor], traceable: bool, one_row: bool) -> None:
+    """Launch the kernel keyed by ``key``: an int or 0-d tensor for every row, or one seed per row (1-D)."""
+    from slipstream.ops.kernels.dropout import launch_seeded_dropout
+
+    if isinstance(key, int):
+        keys = dict(seed=key)
+    elif key.dim() == 1:
+        keys = dict(seeds=key)
+    elif traceable:  # traced code cannot read the seed on the host: the kernel reads it from memory
+        keys = dict(seeds=key.to(x.device).expand(1 if one_row else x.shape[0]))
+    else:
+        keys = dict(seed=int(key))
+    launch_seeded_dropout(x, out, keep_threshold(p), _scale(p), **keys, traceable=traceable, one_row=one_row)
+
+
+def _dropout_2d(x: Tensor, p: float, key: Union[int, Tensor], traceable: bool = False) -> Tensor:
+    """Dropout of a 2-D ``x`` keyed by ``key``: one int64 seed per row (1-D) or one for all rows.
 
     ``traceable``: called from a ``triton_op`` body, whose kernel launch tracing must capture.
     """
     out = torch.empty_like(x)
-    if body_uses_triton(x) if traceable else use_triton(x):
-        from slipstream.ops.kernels.dropout import launch_seeded_dropout
-
-        if key.dim() == 1:
-            keys = dict(seeds=key)
-        elif traceable:  # the kernel reads the seed from device memory, every row the same
-            keys = dict(seeds=key.to(x.device).expand(x.shape[0]))
-        else:
-            keys = dict(seed=int(key))
-        launch_seeded_dropout(x, out, keep_threshold(p), _scale(p), **keys, traceable=traceable)
+    if _kernels_apply(x, traceable):
+        _launch(x, out, p, key, traceable, one_row=False)
         return out
-    return _apply_mask(x, keep_mask(key.to(x.device), p, x.shape[1]), p, out=out)
+    return _apply_mask(x, keep_mask(_seed_tensor(key).to(x.device), p, x.shape[1]), p, out=out)
 
 
-def _whole_tensor_dropout(x: Tensor, p: float, seed: Tensor, traceable: bool = False) -> Tensor:
-    return _dropout_2d(x.contiguous().view(1, -1), p, seed, traceable).view(x.shape)
+def _whole_tensor_dropout(x: Tensor, p: float, seed: Union[int, Tensor], traceable: bool = False) -> Tensor:
+    """Dropout of ``x`` keyed by one seed, its elements numbered in row-major order."""
+    x = x.contiguous()
+    if _kernels_apply(x, traceable):
+        out = torch.empty_like(x)
+        _launch(x, out, p, seed, traceable, one_row=True)  # read as one row, with no view op per call
+        return out
+    return _apply_mask(x, keep_mask(_seed_tensor(seed).to(x.device), p, x.numel()).view(x.shape), p)
 
 
 def _seeded_dropout_op_body(x: Tensor, p: float, seed: Tensor) -> Tensor:
@@ -188,10 +205,10 @@ class _EagerDropout(torch.autograd.Function):
         return ctx.body(grad, ctx.p, ctx.key), None, None, None
 
 
-def _dispatch(op: torch.library.CustomOpDef, body, x: Tensor, p: float, key: Tensor) -> Tensor:
+def _dispatch(op: torch.library.CustomOpDef, body, x: Tensor, p: float, key: Union[int, Tensor]) -> Tensor:
     if torch.compiler.is_compiling():  # traced: the triton_op, so the graph has no breaks
-        return op(x, p, key)
-    return _EagerDropout.apply(x, p, key, body)
+        return op(x, p, _seed_tensor(key))
+    return _EagerDropout.apply(x, p, key, body)  # an int seed stays an int: no tensor per call
 
 
 def _describe(value: object) -> str:
@@ -209,17 +226,22 @@ def _check_x_and_p(x: object, p: object) -> None:
         raise ValueError(f"p must be in [0, 1], got {p}")
 
 
-def _seed_tensor(seed: object) -> Tensor:
-    """``seed`` as a 0-d int64 tensor: a Python int in the int64 range, or such a tensor."""
+def _checked_seed(seed: object) -> Union[int, Tensor]:
+    """``seed`` if it is an int in the int64 range or a one-element int64 tensor (then 0-d), else an error."""
     if isinstance(seed, Tensor):
         if seed.dtype != torch.int64 or seed.numel() != 1:
             raise TypeError(f"seed must be an int or a one-element int64 tensor, got {_describe(seed)}")
-        return seed.reshape(())
+        return seed if seed.dim() == 0 else seed.reshape(())
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int or a one-element int64 tensor, got {_describe(seed)}")
     if not _INT64_MIN <= seed <= _INT64_MAX:
         raise ValueError(f"seed must be in [-2**63, 2**63 - 1], got {seed}")
-    return torch.tensor(seed, dtype=torch.int64)
+    return seed
+
+
+def _seed_tensor(seed: Union[int, Tensor]) -> Tensor:
+    """A checked seed as a 0-d int64 tensor (a per-row seed tensor passes through)."""
+    return seed if isinstance(seed, Tensor) else torch.tensor(seed, dtype=torch.int64)
 
 
 def seeded_dropout(x: Tensor, p: float, seed: Union[int, Tensor]) -> Tensor:
@@ -240,7 +262,7 @@ def seeded_dropout(x: Tensor, p: float, seed: Union[int, Tensor]) -> Tensor:
         True
     """
     _check_x_and_p(x, p)
-    return _dispatch(_seeded_dropout_op, _whole_tensor_dropout, x, float(p), _seed_tensor(seed))
+    return _dispatch(_seeded_dropout_op, _whole_tensor_dropout, x, float(p), _checked_seed(seed))
 
 
 def seeded_dropout_rows(x: Tensor, p: float, seeds: Tensor) -> Tensor:

@@ -91,21 +91,31 @@ def _seeded_dropout_kernel(
     tl.store(out_ptr + r * out_stride_r + c * out_stride_c, out.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def _reach(t: torch.Tensor, rows: int, cols: int) -> int:
-    """Largest element offset a kernel computes for ``t`` over a ``rows`` x ``cols`` padded grid."""
-    return (rows - 1) * t.stride(0) + (cols - 1) * t.stride(-1)
+def _reach(stride_r: int, stride_c: int, rows: int, cols: int) -> int:
+    """Largest element offset a kernel computes for a tensor over a ``rows`` x ``cols`` padded grid."""
+    return (rows - 1) * stride_r + (cols - 1) * stride_c
 
 
-def _tile(x: torch.Tensor, block_elements: int) -> tuple[int, int]:
+def _tile(n_rows: int, n_cols: int, column_major: bool, block_elements: int) -> tuple[int, int]:
     """(rows, column groups) per program: long along whichever dimension is contiguous in memory."""
-    n_rows, n_cols = x.shape
     groups = triton.cdiv(n_cols, _LANES)
-    if x.stride(0) == 1 and x.stride(1) != 1 and n_rows > 1:  # column-major, e.g. a transposed view
+    if column_major and n_rows > 1:  # e.g. a transposed view
         block_rows = min(64, triton.next_power_of_2(n_rows))
         return block_rows, min(8, triton.next_power_of_2(groups))
     block_groups = min(block_elements // _LANES, triton.next_power_of_2(groups))
     block_rows = min(max(1, block_elements // (block_groups * _LANES)), triton.next_power_of_2(n_rows))
     return block_rows, block_groups
+
+
+def _matrix(t: torch.Tensor, one_row: bool) -> tuple[int, int, int, int]:
+    """``(rows, cols, row stride, column stride)`` of a 2-D ``t``, or of a contiguous ``t`` read as one row.
+
+    A single row gets row stride 0, which lets Triton prove 16-byte alignment of its accesses.
+    """
+    if one_row:
+        return 1, t.numel(), 0, 1
+    n_rows, n_cols = t.shape
+    return n_rows, n_cols, (t.stride(0) if n_rows > 1 else 0), t.stride(1)
 
 
 def launch_seeded_dropout(
@@ -119,39 +129,44 @@ def launch_seeded_dropout(
     block_elements: int = BLOCK_ELEMENTS,
     num_warps: Optional[int] = None,
     traceable: bool = False,
+    one_row: bool = False,
 ) -> None:
-    """Write ``where(keep, x * scale, 0)`` into ``out``; ``x``, ``out`` are 2-D with any strides.
+    """Write ``where(keep, x * scale, 0)`` into ``out`` (same shape as ``x``).
 
-    ``seeds`` (int64, one per row, on ``x``'s device) keys each row; without it every row is keyed
-    by ``seed``. ``int64`` forces (or forbids) 64-bit indexing; by default it is used only when an
-    offset or a column index could pass 2**31. ``block_elements`` (a power of two >= 8) and
-    ``num_warps`` set the tiling, for tuning. ``traceable``: launch through ``wrap_triton``, as a
-    ``triton_op`` body must (see :mod:`slipstream.ops._triton_op`).
+    2-D ``x`` and ``out`` may have any strides. ``one_row``: ``x`` and ``out`` (any shape, both
+    contiguous) are read as one row of ``x.numel()`` columns, without a reshape (which would cost
+    host time on every call).
+    ``seeds`` (int64, one per row of a 2-D ``x``, on ``x``'s device) keys each row; without it every
+    row is keyed by ``seed``. ``int64`` forces (or forbids) 64-bit indexing; by default it is used
+    only when an offset or a column index could pass 2**31. ``block_elements`` (a power of two
+    >= 8) and ``num_warps`` set the tiling, for tuning. ``traceable``: launch through
+    ``wrap_triton``, as a ``triton_op`` body must (see :mod:`slipstream.ops._triton_op`).
     """
-    n_rows, n_cols = x.shape
     if x.numel() == 0:
         return
-    block_rows, block_groups = _tile(x, block_elements)
+    n_rows, n_cols, x_stride_r, x_stride_c = _matrix(x, one_row)
+    _, _, out_stride_r, out_stride_c = _matrix(out, one_row)
+    block_rows, block_groups = _tile(n_rows, n_cols, x_stride_r == 1 and x_stride_c != 1, block_elements)
     col_blocks = triton.cdiv(n_cols, block_groups * _LANES)
     row_blocks = triton.cdiv(n_rows, block_rows)
     if int64 is None:
         # Masked lanes of the last tiles still compute offsets: count the padded grid.
         rows, cols = row_blocks * block_rows, col_blocks * block_groups * _LANES
         seeds_reach = 0 if seeds is None else (rows - 1) * seeds.stride(0)
-        int64 = max(cols, seeds_reach, _reach(x, rows, cols), _reach(out, rows, cols)) >= 2**31
-    grid = (row_blocks * col_blocks,)
+        reach = max(_reach(x_stride_r, x_stride_c, rows, cols), _reach(out_stride_r, out_stride_c, rows, cols))
+        int64 = max(cols, seeds_reach, reach) >= 2**31
     per_row = seeds is not None
-    launcher(traceable)(_seeded_dropout_kernel)[grid](
+    launcher(traceable)(_seeded_dropout_kernel)[(row_blocks * col_blocks,)](
         x,
         out,
         seeds if per_row else x,
         seed,
         n_rows,
         n_cols,
-        x.stride(0) if n_rows > 1 else 0,  # a single row: 0 lets Triton prove 16-byte alignment
-        x.stride(1),
-        out.stride(0) if n_rows > 1 else 0,
-        out.stride(1),
+        x_stride_r,
+        x_stride_c,
+        out_stride_r,
+        out_stride_c,
         seeds.stride(0) if per_row else 0,
         threshold,
         scale,
