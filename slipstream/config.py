@@ -3,12 +3,13 @@
 Example:
     >>> import slipstream.config
     >>> slipstream.config.compiled_layer_norm
-    'inductor'
+    'kernel'
 """
 
 #: What ``torch.compile`` traces for :func:`slipstream.ops.layer_norm` (FusedLayerNorm, and
-#: LPLayerNorm on CUDA). ``"inductor"``: the same math as plain PyTorch ops (fp32 statistics, input
-#: and output in their own dtypes), which Inductor fuses with the neighbouring ops (a residual add
-#: before, a cast after). ``"kernel"``: slipstream's ``triton_op`` s, whose Triton kernels Inductor
-#: launches as they are. docs/benchmarks.md (compile overhead) has what each measured.
-compiled_layer_norm = "inductor"
+#: LPLayerNorm on CUDA). ``"kernel"`` (default): slipstream's ``triton_op`` s, whose Triton kernels
+#: Inductor launches as they are. ``"inductor"``: the same math as plain PyTorch ops (fp32
+#: statistics, input and output in their own dtypes), which Inductor may fuse with the neighbouring
+#: ops. On the H200 machine (host-bound steps) "kernel" measured faster, 17.5 against 19.1 ms for a
+#: 12-block stack (docs/benchmarks.md, compile overhead), so it is the default.
+compiled_layer_norm = "kernel"
