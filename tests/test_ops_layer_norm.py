@@ -80,6 +80,17 @@ def test_strided_inputs(dtype):
     check_against_float64(xt, w, b, dyt, (40,), TOL[dtype])
 
 
+def test_strided_weights_and_odd_strides_of_size_one_dims():
+    """A 1-D weight view with stride 2 is read correctly; a contiguous x whose size-1 dim reports an
+    arbitrary stride is read by its real row stride."""
+    x, _, _, dy = random_case((5, 1, 33), (33,), torch.float32)
+    x = x.detach().as_strided((5, 1, 33), (33, 7, 1)).requires_grad_()
+    assert x.is_contiguous() and x.stride(1) == 7
+    w = (torch.randn(66) * 0.5 + 1)[::2].requires_grad_()
+    b = torch.randn(99)[::3].requires_grad_()
+    check_against_float64(x, w, b, dy, (33,), TOL[torch.float32])
+
+
 def test_broadcast_gradient():
     x, w, b, _ = random_case((4, 50), (50,), torch.float32)
     layer_norm(x, (50,), w, b).sum().backward()  # dy is an expanded tensor of stride 0

@@ -116,5 +116,13 @@ def test_compiled_cpu_code_matches_eager(monkeypatch, layer_norm_path):
     assert all(torch.allclose(g, r, atol=1e-5, rtol=1e-5) for g, r in zip(grads, ref_grads))
 
 
+def test_unknown_compiled_layer_norm_path_is_an_error(monkeypatch):
+    monkeypatch.setattr("slipstream.config.compiled_layer_norm", "fast")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: layer_norm(x, 8), backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match="compiled_layer_norm must be 'inductor' or 'kernel', got 'fast'"):
+        compiled(torch.randn(2, 8))
+
+
 if __name__ == "__main__":
     print(json.dumps(trace_on_fake_cuda()))
