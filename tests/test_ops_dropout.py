@@ -288,3 +288,15 @@ def test_ops_compile_without_graph_breaks_and_match_eager():
     ref = f(x)
     (ref_dx,) = torch.autograd.grad(ref, x, dy)
     assert torch.equal(out, ref) and torch.allclose(dx, ref_dx)
+
+
+def test_on_backward_is_called_when_backward_reaches_the_result():
+    calls = []
+    x = (torch.rand(6, 10) + 0.5).requires_grad_()
+    y = seeded_dropout(x, 0.3, 9, on_backward=lambda: calls.append(len(calls)))
+    assert calls == []
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert calls == [0]
+    assert torch.equal(dx != 0, y != 0)
+    with pytest.raises(TypeError, match="on_backward"):
+        seeded_dropout(x, 0.3, 9, on_backward=3)

@@ -70,9 +70,7 @@ class SeededDropout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        out = seeded_dropout(x, self.p, self._seeds.next())
-        self._seeds.watch(out)
-        return out
+        return seeded_dropout(x, self.p, self._seeds.next(), on_backward=self._seeds.backward_reached)
 
     def run_state(self) -> dict[str, int]:
         """The seed stream's position, ``{'key': ..., 'calls': ...}`` (see :mod:`slipstream.nn.run_state`)."""

@@ -115,12 +115,8 @@ class SeedStream:
         self.state = torch.tensor([key, calls + 1], dtype=torch.int64)
         return stream_seed(key, calls)
 
-    def watch(self, output: Tensor) -> None:
-        """Note when backward reaches ``output`` (a call's result): the next call starts a new phase."""
-        if output.requires_grad and not torch.compiler.is_compiling():
-            output.register_hook(self._on_backward)
-
-    def _on_backward(self, grad: Tensor) -> None:
+    def backward_reached(self) -> None:
+        """Call when backward reaches a call's result (eager mode): the next call starts a new phase."""
         self._backward_seen = True
 
     def _replay(self, task: int) -> int:

@@ -31,7 +31,7 @@ Triton's interpreter runs the fallback (interpreted kernels cannot be traced).
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -196,19 +196,24 @@ class _EagerDropout(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, p: float, key: Tensor, body) -> Tensor:
-        ctx.p, ctx.key, ctx.body = p, key, body
+    def forward(ctx, x: Tensor, p: float, key: Union[int, Tensor], body, on_backward) -> Tensor:
+        ctx.p, ctx.key, ctx.body, ctx.on_backward = p, key, body, on_backward
         return body(x, p, key)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return ctx.body(grad, ctx.p, ctx.key), None, None, None
+        if ctx.on_backward is not None:
+            ctx.on_backward()
+        return ctx.body(grad, ctx.p, ctx.key), None, None, None, None
 
 
-def _dispatch(op: torch.library.CustomOpDef, body, x: Tensor, p: float, key: Union[int, Tensor]) -> Tensor:
+def _dispatch(
+    op: torch.library.CustomOpDef, body, x: Tensor, p: float, key: Union[int, Tensor],
+    on_backward: Optional[Callable[[], None]] = None,
+) -> Tensor:
     if torch.compiler.is_compiling():  # traced: the triton_op, so the graph has no breaks
         return op(x, p, _seed_tensor(key))
-    return _EagerDropout.apply(x, p, key, body)  # an int seed stays an int: no tensor per call
+    return _EagerDropout.apply(x, p, key, body, on_backward)  # an int seed stays an int: no tensor per call
 
 
 def _describe(value: object) -> str:
@@ -244,14 +249,18 @@ def _seed_tensor(seed: Union[int, Tensor]) -> Tensor:
     return seed if isinstance(seed, Tensor) else torch.tensor(seed, dtype=torch.int64)
 
 
-def seeded_dropout(x: Tensor, p: float, seed: Union[int, Tensor]) -> Tensor:
+def seeded_dropout(
+    x: Tensor, p: float, seed: Union[int, Tensor], *, on_backward: Optional[Callable[[], None]] = None
+) -> Tensor:
     """Dropout whose keep mask is a pure function of ``seed`` and the element's row-major index.
 
     Kept elements are scaled by ``1 / (1 - p)``; ``p=0`` returns a copy of ``x``, ``p=1`` zeros. The
     same seed gives the same mask on every call and every device; backward regenerates it, so
     nothing but the seed is saved. ``seed`` is an int in the int64 range or a one-element int64
     tensor (a CUDA seed tensor is read back to the host, a synchronization). The result is
-    contiguous; a non-contiguous ``x`` is copied once.
+    contiguous; a non-contiguous ``x`` is copied once. ``on_backward`` (eager mode) is called with
+    no arguments when backward reaches the result, before the gradient is computed (SeededDropout's
+    seed stream uses it to tell recomputation from a new step, without a tensor hook per call).
 
     Example:
         >>> x = torch.randn(4, 8)
@@ -262,7 +271,9 @@ def seeded_dropout(x: Tensor, p: float, seed: Union[int, Tensor]) -> Tensor:
         True
     """
     _check_x_and_p(x, p)
-    return _dispatch(_seeded_dropout_op, _whole_tensor_dropout, x, float(p), _checked_seed(seed))
+    if on_backward is not None and not callable(on_backward):
+        raise TypeError(f"on_backward must be None or a callable, got {_describe(on_backward)}")
+    return _dispatch(_seeded_dropout_op, _whole_tensor_dropout, x, float(p), _checked_seed(seed), on_backward)
 
 
 def seeded_dropout_rows(x: Tensor, p: float, seeds: Tensor) -> Tensor:
