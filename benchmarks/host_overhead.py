@@ -4,11 +4,15 @@ A training step is host-bound when Python and launch costs exceed the GPU time o
 per-call host time decides whether a fused kernel helps a real model in eager mode. For each op, at
 a GPT-2-small activation size (8 x 512 x 768, bf16), this enqueues many calls with no
 synchronization and divides the wall time by the count: forward alone, and forward + backward. Then
-cProfile lists the Python functions our forward + backward spends that time in.
+the same for the pieces our ops are made of (an allocation, a view, an empty autograd Function, our
+launchers called directly), and cProfile lists the Python functions our forward + backward spends
+its time in (the backward's own Python runs on the autograd engine's device thread, which cProfile
+does not see: it shows up as ``run_backward``'s own time).
 
 Run (repo root, on a CUDA machine)::
 
     PYTHONPATH=. python benchmarks/host_overhead.py --out $OUT/host_overhead.md
+    PYTHONPATH=old:. python benchmarks/host_overhead.py --no-parts   # an older slipstream unpacked in old/
 """
 
 from __future__ import annotations
@@ -73,7 +77,44 @@ def profile_top(fn: Callable[[], None], calls: int = 100, top: int = 25) -> str:
     return out.getvalue()
 
 
-def run() -> str:
+class _Identity(torch.autograd.Function):
+    """The cheapest Python autograd Function: what the machinery alone costs per call."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def parts(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, dy: torch.Tensor) -> str:
+    """Host microseconds of the pieces our eager LayerNorm and dropout are made of."""
+    from slipstream.ops.kernels import layer_norm as ln_kernels
+    from slipstream.ops.kernels.dropout import launch_seeded_dropout
+
+    xd, wd, bd = x.detach(), w.detach(), b.detach()
+    _, stats = ln_kernels.forward(xd, wd, bd, 1e-5, xd.dtype)
+    out = torch.empty_like(xd)
+    xg = xd.clone().requires_grad_()
+    pieces = {
+        "torch.empty((2, 4096)) on CUDA": lambda: torch.empty((2, 4096), device="cuda"),
+        "x.view(1, -1)": lambda: xd.view(1, -1),
+        "identity autograd.Function, forward+backward": lambda: _Identity.apply(xg).backward(dy),
+        "dropout kernel launch (launch_seeded_dropout)": lambda: launch_seeded_dropout(
+            xd, out, 6554, 1 / 0.9, seed=5, one_row=True),
+        "LayerNorm forward launcher (2 allocations, 1 launch)": lambda: ln_kernels.forward(xd, wd, bd, 1e-5, xd.dtype),
+        "LayerNorm backward launcher (4 allocations, 2 launches)": lambda: ln_kernels.backward(
+            dy, xd, wd, stats, bd.dtype),
+    }
+    table = Table(["piece", "us/call"])
+    for name, fn in pieces.items():
+        table.add(name, f"{host_us_per_call(fn):.1f}")
+    return table.markdown()
+
+
+def run(with_parts: bool) -> str:
     x = torch.randn(8, 512, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     b = torch.randn(768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -87,16 +128,21 @@ def run() -> str:
             table.add(name, label, f"{t:.1f}", f"{o:.1f}", f"{o / t:.2f}x")
         profiles.append(f"#### {name}, forward+backward, cProfile of 100 calls\n\n```\n"
                         f"{profile_top(_forward_backward(ours, x, dy))}```")
-    return table.markdown() + "\n\n" + "\n\n".join(profiles)
+    body = table.markdown()
+    if with_parts:
+        body += "\n\nPieces, each called on its own:\n\n" + parts(x, w, b, dy)
+    return body + "\n\n" + "\n\n".join(profiles)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="write the markdown results here")
+    parser.add_argument("--no-parts", action="store_true",
+                        help="skip the table of pieces (for timing an older slipstream on PYTHONPATH)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("host_overhead.py needs a CUDA device")
-    write_section(args.out, "Host time per call, eager", environment_line(command_line()), run())
+    write_section(args.out, "Host time per call, eager", environment_line(command_line()), run(not args.no_parts))
 
 
 if __name__ == "__main__":
