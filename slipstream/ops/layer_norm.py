@@ -310,6 +310,8 @@ def _backward_op_body(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """As :func:`_backward`, with empty tensors for absent gradients (an op returns tensors only)."""
     dx, dw, db = _backward(dy, x, weight, stats, normalized_ndim, bias_dtype, traceable=True)
+    if dw is not None and db is not None:
+        db = db.clone()  # the kernels' dW and dB may be views of one buffer; an op's outputs may not alias
     return dx, (x.new_empty(0) if dw is None else dw), (x.new_empty(0) if db is None else db)
 
 

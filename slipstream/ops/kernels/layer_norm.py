@@ -19,8 +19,8 @@ Rows up to :data:`MAX_BACKWARD_REGISTER_ROW` wide: a persistent grid; each progr
 writes dx and keeps fp32 dW/dB partial sums in registers, stored once per program. Wider rows
 cannot keep a row of accumulators in registers, so a row-means kernel first computes the two
 per-row means, then a column-tiled kernel writes dx and keeps partial sums for its columns over
-its share of the rows. Either way a small kernel then adds the partial sums in a fixed order:
-the result is deterministic, with no atomics.
+its share of the rows. Either way one ``torch.sum`` then adds the partial sums in a fixed order
+(cheaper in host time than a second Triton launch): the result is deterministic, with no atomics.
 
 Launch shapes (:class:`Tiling`: tile size, warps, persistent programs per multiprocessor, whether
 to prefetch the next tile) come from a table measured on an H100 (:func:`default_tiling`).
@@ -339,7 +339,8 @@ def _backward_tiles(
     """Walk row blocks first_block, first_block + block_step, ... from the bottom of the matrix up.
 
     Writes dx for each and stores this program's dW/dB partial sums (fp32) as row ``partial_row`` of
-    ``Partials[0]`` and ``Partials[1]`` (``[2, n_partials, N]``).
+    ``Partials`` (``[k, n_partials, N]``: the dW sums first when HAS_WEIGHT, then the dB sums when
+    HAS_BIAS).
     The next block's x and dy are loaded before the current one is reduced, so loads stay in
     flight. Bottom-up: on the column-tiled path the row-means kernel has just read the last rows,
     which are then still in L2.
@@ -374,7 +375,8 @@ def _backward_tiles(
     if HAS_WEIGHT:
         tl.store(Partials + partial_row * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
     if HAS_BIAS:
-        tl.store(Partials + (n_partials + partial_row) * N + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+        bias_part = n_partials if HAS_WEIGHT else 0
+        tl.store(Partials + (bias_part + partial_row) * N + cols, tl.sum(db_acc, axis=0), mask=col_ok)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -430,28 +432,8 @@ def _backward_columns_kernel(
     )
 
 
-@triton.jit
-def _add_partials(Partial, Out, cols, n_partials, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Out[cols] = sum over the rows of Partial[n_partials, N], always in the same order."""
-    col_ok = cols < N
-    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
-    for first in range(0, n_partials, BLOCK_P):
-        parts = first + tl.arange(0, BLOCK_P)
-        mask = (parts < n_partials)[:, None] & col_ok[None, :]
-        acc += tl.load(Partial + parts[:, None] * N + cols[None, :], mask=mask, other=0.0)
-    tl.store(Out + cols, tl.sum(acc, axis=0).to(Out.dtype.element_ty), mask=col_ok)
-
-
-@triton.jit
-def _sum_partials_kernel(
-    Partials, DW, DB, n_partials, N,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if HAS_WEIGHT:
-        _add_partials(Partials, DW, cols, n_partials, N, BLOCK_P, BLOCK_N)
-    if HAS_BIAS:
-        _add_partials(Partials + n_partials * N, DB, cols, n_partials, N, BLOCK_P, BLOCK_N)
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def backward(
@@ -487,9 +469,10 @@ def backward(
     flags = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
                  PREFETCH=tiling.prefetch, num_warps=tiling.num_warps)
     w = x if weight is None else weight  # a placeholder pointer when absent: never read
+    sums = int(has_weight) + int(has_bias)  # rows of per-program partial sums: dW's, then dB's
     if tiling.block_n >= n:
         n_partials = _programs(tiling, triton.cdiv(m, tiling.block_m), device)
-        partials = torch.empty((2, n_partials, n), dtype=torch.float32, device=device)
+        partials = torch.empty((sums, n_partials, n), dtype=torch.float32, device=device)
         launch(_backward_rows_kernel)[(n_partials,)](
             dy, x, w, stats, dx, partials, m, n, stride_dy, stride_x, **flags
         )
@@ -501,16 +484,15 @@ def backward(
             dy, x, w, stats, row_means, m, n, stride_dy, stride_x,
             HAS_WEIGHT=has_weight, BLOCK_N=4096, num_warps=8,
         )
-        partials = torch.empty((2, n_partials, n), dtype=torch.float32, device=device)
+        partials = torch.empty((sums, n_partials, n), dtype=torch.float32, device=device)
         launch(_backward_columns_kernel)[(col_blocks, n_partials)](
             dy, x, w, stats, row_means, dx, partials, m, n, stride_dy, stride_x, **flags,
         )
-    dw = torch.empty(n, dtype=weight.dtype, device=device) if has_weight else None
-    db = torch.empty(n, dtype=bias_dtype, device=device) if has_bias else None
-    if has_weight or has_bias:
-        block_n = 64
-        launch(_sum_partials_kernel)[(triton.cdiv(n, block_n),)](
-            partials, x if dw is None else dw, x if db is None else db, n_partials, n,
-            HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_P=32, BLOCK_N=block_n, num_warps=4,
-        )
+    if not sums:
+        return dx, None, None
+    # One reduction over the programs' partial sums (deterministic: a fixed order for a fixed shape).
+    # A torch op costs less host time per call than a second Triton launch, and allocates dW and dB.
+    totals = partials.sum(dim=1).unbind()
+    dw = _as_dtype(totals[0], weight.dtype) if has_weight else None
+    db = _as_dtype(totals[-1], bias_dtype) if has_bias else None
     return dx, dw, db
