@@ -63,9 +63,14 @@ def test_single_row_and_leading_dims(dtype):
     check_against_float64(x, w, b, dy, (37,), TOL[dtype])
 
 
-def test_several_normalized_dims():
-    x, w, b, dy = random_case((3, 4, 6, 5), (6, 5), torch.float32)
-    check_against_float64(x, w, b, dy, (6, 5), TOL[torch.float32])
+@pytest.mark.parametrize("shape,normalized", [((3, 4, 6, 5), (6, 5)), ((6, 5), (6, 5)), ((2, 6, 5), (2, 6, 5)),
+                                              ((7,), (7,))])
+def test_several_normalized_dims(shape, normalized):
+    """Including every dimension normalized (one row), where the flat rows' shape differs from x's."""
+    x, w, b, dy = random_case(shape, normalized, torch.float32)
+    check_against_float64(x, w, b, dy, normalized, TOL[torch.float32])
+    x_strided = (torch.randn(*shape[:-1], shape[-1] * 2) * 3 + 2)[..., ::2].requires_grad_()
+    check_against_float64(x_strided, w, b, dy, normalized, TOL[torch.float32])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

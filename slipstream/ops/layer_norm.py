@@ -4,7 +4,8 @@
 ``triton_op`` s, ``slipstream::layer_norm_fwd`` and ``slipstream::layer_norm_bwd``, with a
 registered autograd formula (or, with :data:`slipstream.config.compiled_layer_norm` set to
 ``"inductor"``, as the same math in PyTorch ops for Inductor to fuse). The compiler traces the
-ops' bodies (shape logic, allocations, ``wrap_triton`` launches, see :mod:`slipstream.ops._triton_op`), so models that use them trace without graph breaks and the
+ops' bodies (shape logic, allocations, ``wrap_triton`` launches, see
+:mod:`slipstream.ops._triton_op`), so models that use them trace without graph breaks and the
 compiled code launches the kernels itself, with no Python of ours per call. In eager mode the same
 two functions run through a plain ``autograd.Function`` with direct launches (less CPU time per
 call), so the op's compiled and eager numerics are identical. Both call the kernels of
@@ -225,7 +226,7 @@ def _forward(
 
         y, stats = kernels.forward(_kernel_rows(x, normalized_ndim), _flat(weight), _flat(bias), eps, out_dtype,
                                    traceable=traceable)
-        return (y if y.dim() == x.dim() else y.view(x.shape)), stats
+        return (y if y.shape == x.shape else y.view(x.shape)), stats
     rows = _as_rows(x, normalized_ndim)
     y, mean, rstd = layer_norm_forward_reference(rows, _flat(weight), _flat(bias), eps, out_dtype)
     return y.reshape(x.shape), torch.stack((mean, rstd))
@@ -255,7 +256,7 @@ def _backward(
         shape = x.shape[x.dim() - normalized_ndim:]
         dw = None if dw is None else dw.view(shape)
         db = None if db is None else db.view(shape)
-    return (dx if dx.dim() == x.dim() else dx.view(x.shape)), dw, db
+    return (dx if dx.shape == x.shape else dx.view(x.shape)), dw, db
 
 
 def _save_for_backward(ctx, x, weight, bias, stats, normalized_ndim) -> None:
