@@ -19,6 +19,7 @@ Usage (repo root)::
     PYTHONPATH=. python benchmarks/end_to_end.py --models gpt2,bert --steps 20 --rounds 3
     PYTHONPATH=. python benchmarks/end_to_end.py --models gpt2 --profile $OUT/profile.md   # where time goes
     PYTHONPATH=. python benchmarks/end_to_end.py --loss-curve --png $OUT/loss_curve.png
+    PYTHONPATH=. python benchmarks/end_to_end.py --models gpt2 --batch-scale 4    # 32 x 512: GPU-bound
     PYTHONPATH=. python benchmarks/end_to_end.py --quick --configs eager,methods,all   # CPU smoke run
 """
 
@@ -68,6 +69,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before round 1 (compiles here)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-scale", type=int, default=1,
+                        help="each batch joins this many standard batches (a GPU-bound step on a slow host)")
     parser.add_argument("--quick", action="store_true", help="tiny models (a CPU smoke run)")
     parser.add_argument("--out", help="write the markdown results here")
     parser.add_argument("--json", help="write the raw results (every step time) here")
@@ -78,7 +81,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--curve-steps", type=int, default=200)
     parser.add_argument("--png", default="end_to_end_loss_curve.png", help="--loss-curve plot")
     args = parser.parse_args(argv)
-    for name in ("steps", "rounds", "curve_steps"):
+    for name in ("steps", "rounds", "curve_steps", "batch_scale"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
@@ -135,7 +138,7 @@ def _config_result(trainee: Trainee) -> dict:
 def benchmark_model(spec: ModelSpec, args: argparse.Namespace, methods: dict[str, MethodFn],
                     device: torch.device) -> dict:
     """Train every configuration of one model in interleaved rounds; return its results (JSON-able)."""
-    batches = batch_pool(spec, args.quick, device)
+    batches = batch_pool(spec, args.quick, device, scale=args.batch_scale)
 
     def build(config: Config) -> Trainee:
         return Trainee(spec, config, methods, batches, device, args.quick, args.seed)

@@ -177,16 +177,25 @@ def _to_device(batch: Batch, device: torch.device, channels_last: bool) -> Batch
 DATA_SEED = 1234  # the batches are the same for every configuration and every model seed
 
 
-def batch_pool(spec: ModelSpec, quick: bool, device: torch.device, count: int = BATCHES_IN_POOL) -> list[Batch]:
+def batch_pool(spec: ModelSpec, quick: bool, device: torch.device, count: int = BATCHES_IN_POOL,
+               scale: int = 1) -> list[Batch]:
     """``count`` synthetic batches of ``spec`` on ``device`` (image tensors in channels_last for the CNNs).
+
+    ``scale``: each batch joins ``scale`` of the model's standard batches (``scale`` times the samples),
+    to move a host-bound step towards a GPU-bound one.
 
     Example:
         >>> from benchmarks.end_to_end_models import MODELS
-        >>> len(batch_pool(MODELS['gpt2'], quick=True, device=torch.device('cpu')))
-        4
+        >>> pool = batch_pool(MODELS['gpt2'], quick=True, device=torch.device('cpu'), scale=3)
+        >>> len(pool), pool[0]['input_ids'].shape[0]
+        (4, 6)
     """
-    batches = spec.make_batches(quick, torch.Generator().manual_seed(DATA_SEED), count)
-    return [_to_device(b, device, spec.channels_last) for b in batches]
+    if scale < 1:
+        raise ValueError(f"scale must be >= 1, got {scale}")
+    batches = spec.make_batches(quick, torch.Generator().manual_seed(DATA_SEED), count * scale)
+    joined = [{key: torch.cat([b[key] for b in batches[i:i + scale]]) for key in batches[i]}
+              for i in range(0, len(batches), scale)]
+    return [_to_device(b, device, spec.channels_last) for b in joined]
 
 
 def free_device_memory() -> None:
