@@ -1,7 +1,8 @@
-"""SeededDropout: nn.Dropout drop-in, seed stream in state_dict, checkpoint replay, torch.compile,
+"""SeededDropout: nn.Dropout drop-in, seed stream as run state, checkpoint replay, torch.compile,
 apply_low_memory_dropout and the LowMemoryDropout algorithm."""
 
 import copy
+import shutil
 import warnings
 
 import pytest
@@ -12,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 import slipstream.functional as sf
 from slipstream.algorithms import Event, LowMemoryDropout, State
 from slipstream.nn import SeededDropout, load_run_state, save_run_state
-from slipstream.nn.seed_stream import SeedStream, stream_seed
+from slipstream.nn.seed_stream import SeedStream, stream_seed, stream_seed_of_state
 from slipstream.surgery import NoEffectWarning
 
 
@@ -111,6 +112,25 @@ def test_from_module_copies_p_inplace_and_mode():
     assert (new.p, new.inplace, new.training) == (0.25, True, False)
     with pytest.raises(TypeError, match="nn.Dropout"):
         SeededDropout.from_module(nn.Linear(2, 2))
+
+
+def test_stream_seed_of_state_equals_stream_seed():
+    """The tensor version (what torch.compile traces) gives the Python version's seeds, bit for bit."""
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randint(-(2**63), 2**63 - 1, (200,), generator=generator).tolist() + [0, -1, 2**63 - 1, -(2**63)]
+    indices = torch.randint(0, 2**63 - 2, (len(keys),), generator=generator).tolist()
+    indices[:50] = range(50)
+    for key, index in zip(keys, indices):
+        assert int(stream_seed_of_state(torch.tensor([key, index]))) == stream_seed(key, index)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="Inductor's CPU backend needs a C++ compiler")
+def test_stream_seed_of_state_compiled_by_inductor():
+    """Inductor's C++ code computes the same seeds (the arithmetic never overflows int64)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(stream_seed_of_state, backend="inductor", dynamic=False)
+    for key, index in [(-5, 0), (2**62 + 12345, 2**40), (-(2**63), 2**63 - 2), (7, 123456789)]:
+        assert int(compiled(torch.tensor([key, index]))) == stream_seed(key, index)
 
 
 def test_stream_seeds_differ_between_nearby_keys_and_indices():

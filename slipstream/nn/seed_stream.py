@@ -1,8 +1,8 @@
 """A counter-based seed generator for modules that draw one seed per call (SeededDropout).
 
 Seed number ``i`` of the stream keyed by ``key`` is ``stream_seed(key, i)`` (SplitMix64 of
-``key + (i + 1) * golden_ratio``), so the whole state is two integers ``(key, calls)``, stored in
-the owner's ``state_dict``. Why not a ``torch.Generator``: drawing from one is a graph break under
+``key + (i + 1) * golden_ratio``), so the whole state is two integers ``(key, calls)``, the owner's
+run state (:mod:`slipstream.nn.run_state`). Why not a ``torch.Generator``: drawing from one is a graph break under
 ``torch.compile``, and a counter can be rewound, which activation checkpointing needs.
 
 Checkpointing: ``torch.utils.checkpoint`` re-runs a forward during backward and needs the same masks
@@ -12,7 +12,8 @@ purpose) is a recomputation: it replays the seeds drawn since the previous backw
 order. That is exact when one checkpointed region holds the owner's calls (called once or several
 times in it), with ``use_reentrant`` True or False; a warning says when one backward recomputes the
 owner in several regions, whose replay order would not match. Under ``torch.compile`` the seed is a
-graph value computed from the stream's state tensor, and the compiler recomputes it itself; the state
+graph value computed from the stream's state tensor by :func:`stream_seed_of_state` (plain integer
+tensor ops, no Python of ours per call), and the compiler recomputes it itself; the state
 advances by binding a new tensor, a side effect dynamo refuses inside a checkpointed region unless
 ``torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True``, so without that
 setting each such region is a graph break (and runs eagerly, with correct masks).
@@ -26,11 +27,13 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-__all__ = ["SeedStream", "stream_seed", "check_int64"]
+__all__ = ["SeedStream", "stream_seed", "stream_seed_of_state", "check_int64"]
 
 _MASK64 = (1 << 64) - 1
 _ONE_CALL = torch.tensor([0, 1], dtype=torch.int64)
 _GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+_C1, _C2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # SplitMix64's multipliers
+_MASK32 = 0xFFFFFFFF
 
 
 def stream_seed(key: int, index: int) -> int:
@@ -41,21 +44,55 @@ def stream_seed(key: int, index: int) -> int:
         True
     """
     z = (key + (index + 1) * _GOLDEN_GAMMA) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z = ((z ^ (z >> 30)) * _C1) & _MASK64
+    z = ((z ^ (z >> 27)) * _C2) & _MASK64
     return (z ^ (z >> 31)) >> 1
 
 
-@torch.library.custom_op("slipstream::stream_seed", mutates_args=())
-def _stream_seed_op(state: Tensor) -> Tensor:
-    """Seed number ``state[1]`` of the stream keyed by ``state[0]``, as a 0-d int64 tensor."""
-    key, calls = state.tolist()
-    return torch.tensor(stream_seed(key, calls), dtype=torch.int64)
+# 64-bit words as (hi, lo) pairs of int64 tensors in [0, 2**32): every product stays below 2**63, so
+# the arithmetic is exact in int64 (no signed overflow, which compiled C++ would leave undefined).
+def _mul_low32(a: int, b: Tensor) -> Tensor:
+    """The low 32 bits of constant ``a`` (< 2**32) times words ``b``."""
+    return ((((a * (b >> 16)) & 0xFFFF) << 16) + a * (b & 0xFFFF)) & _MASK32
 
 
-@_stream_seed_op.register_fake
-def _stream_seed_fake(state: Tensor) -> Tensor:
-    return state.new_empty(())
+def _mul_u64(hi: Tensor, lo: Tensor, c: int) -> tuple[Tensor, Tensor]:
+    """``(hi, lo) * c`` modulo 2**64, for a 64-bit constant ``c``."""
+    c_hi, c_lo = c >> 32, c & _MASK32
+    lo_hi16, lo_lo16 = lo >> 16, lo & 0xFFFF
+    p_hi, p_lo = c_lo * lo_hi16, c_lo * lo_lo16  # each < 2**48
+    carry = (p_hi + (p_lo >> 16)) >> 16  # high word of c_lo * lo
+    low = (((p_hi & 0xFFFF) << 16) + p_lo) & _MASK32
+    high = (carry + _mul_low32(c_lo, hi) + _mul_low32(c_hi, lo)) & _MASK32
+    return high, low
+
+
+def _xor_shift(hi: Tensor, lo: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``z ^ (z >> k)`` for a 64-bit ``z`` and 0 < k < 32."""
+    return hi ^ (hi >> k), lo ^ (((lo >> k) | (hi << (32 - k))) & _MASK32)
+
+
+def stream_seed_of_state(state: Tensor) -> Tensor:
+    """:func:`stream_seed` of ``(state[0], state[1])`` in integer tensor ops: a 0-d int64 tensor.
+
+    The same value as ``stream_seed(*state.tolist())``, computed without reading the tensor on the
+    host, so ``torch.compile`` traces it into the graph.
+
+    Example:
+        >>> int(stream_seed_of_state(torch.tensor([-5, 7]))) == stream_seed(-5, 7)
+        True
+    """
+    key, index = state[0], state[1]
+    # (index + 1) * golden ratio, then + key, all modulo 2**64
+    step = index + 1
+    hi, lo = _mul_u64((step >> 32) & _MASK32, step & _MASK32, _GOLDEN_GAMMA)
+    lo = lo + (key & _MASK32)
+    hi = (hi + ((key >> 32) & _MASK32) + (lo >> 32)) & _MASK32
+    lo = lo & _MASK32
+    hi, lo = _mul_u64(*_xor_shift(hi, lo, 30), _C1)
+    hi, lo = _mul_u64(*_xor_shift(hi, lo, 27), _C2)
+    hi, lo = _xor_shift(hi, lo, 31)
+    return (hi << 31) | (lo >> 1)  # the top 63 bits: non-negative, below 2**63
 
 
 def check_int64(name: str, value: object) -> int:
@@ -99,7 +136,7 @@ class SeedStream:
         """The seed for this call (replayed during recomputation): an int, or a 0-d int64 CPU tensor when compiling."""
         if torch.compiler.is_compiling():
             # Pure op plus a rebound state: compiled checkpointing recomputes the seed from the old state.
-            seed = _stream_seed_op(self.state)
+            seed = stream_seed_of_state(self.state)
             self.state = self.state + _ONE_CALL
             return seed
         task = torch._C._current_graph_task_id()
