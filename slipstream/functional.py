@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from slipstream.nn import FusedGroupNorm, FusedLayerNorm, LPGroupNorm, LPLayerNorm, fuse_silu_into_group_norms
+from slipstream.nn.layer_norm import CHANNELS_FIRST_LAYER_NORMS, FusedLayerNorm2d
 from slipstream.nn.dropout import SeededDropout
 from slipstream.nn.gyro_dropout import GyroDropout, check_gyro_arguments
 from slipstream.precision import autocast_dtype
-from slipstream.surgery import NoEffectWarning, replace_module_classes
+from slipstream.surgery import NoEffectWarning, classes_named, replace_module_classes
 
 __all__ = ["apply_fused_layernorm", "apply_low_precision_layernorm", "apply_low_precision_groupnorm", "apply_gyro_dropout", "apply_low_memory_dropout", "apply_fused_groupnorm"]
 
@@ -160,7 +161,10 @@ def apply_fused_layernorm(model: nn.Module, optimizers: Optimizers = None) -> di
     """Replace ``nn.LayerNorm`` modules with :class:`~slipstream.nn.FusedLayerNorm`.
 
     The replaced norms run slipstream's Triton LayerNorm on CUDA (one launch forward, fp32 math; under
-    autocast they write the autocast dtype) and its pure-PyTorch fallback elsewhere.
+    autocast they write the autocast dtype) and its pure-PyTorch fallback elsewhere. Channels-first
+    LayerNorms (timm's ``LayerNorm2d``, see :data:`~slipstream.nn.layer_norm.CHANNELS_FIRST_LAYER_NORMS`)
+    become :class:`~slipstream.nn.FusedLayerNorm2d`, which computes their math. timm norms with its
+    "fast norm" switched on (low-precision math) are left alone with a SurgeryWarning.
 
     Args:
         model: model to modify in place.
@@ -174,7 +178,13 @@ def apply_fused_layernorm(model: nn.Module, optimizers: Optimizers = None) -> di
         >>> len(apply_fused_layernorm(model))
         1
     """
-    return _replace_all(model, nn.LayerNorm, FusedLayerNorm.from_module, optimizers, "apply_fused_layernorm")
+    policies = {nn.LayerNorm: lambda module, index: FusedLayerNorm.from_module(module)}
+    for channels_first in classes_named(model, CHANNELS_FIRST_LAYER_NORMS):
+        policies[channels_first] = lambda module, index: FusedLayerNorm2d.from_module(module)
+    replaced = replace_module_classes(model, policies, optimizers)
+    if not replaced:
+        warnings.warn("apply_fused_layernorm: found no LayerNorm to replace; the model is unchanged", NoEffectWarning)
+    return replaced
 
 
 def apply_low_memory_dropout(model: nn.Module, seed: Optional[int] = None) -> dict[nn.Module, nn.Module]:

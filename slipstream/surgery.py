@@ -29,6 +29,7 @@ __all__ = [
     "register_same_math",
     "replace_module_classes",
     "count_module_instances",
+    "classes_named",
 ]
 
 #: Builds the replacement of ``module`` (the ``index``-th match of its policy), or returns None to skip it.
@@ -248,6 +249,19 @@ def replace_module_classes(
             elif child not in replaced:
                 stack.append(child)
     return replaced
+
+
+def classes_named(model: nn.Module, names: Iterable[str]) -> set[type]:
+    """Classes of ``model``'s modules whose qualified names (``module.QualName``) are in ``names``.
+
+    Lets a policy key on a class of a package that need not be importable (timm's ``LayerNorm2d``).
+
+    Example:
+        >>> sorted(c.__name__ for c in classes_named(nn.Sequential(nn.ReLU()), ["torch.nn.modules.activation.ReLU"]))
+        ['ReLU']
+    """
+    wanted = set(names)
+    return {type(m) for m in model.modules() if _qualified_name(type(m)) in wanted}
 
 
 def count_module_instances(model: nn.Module, module_class: Union[type, tuple[type, ...]]) -> int:

@@ -5,12 +5,13 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import slipstream.functional as sf
 from slipstream.algorithms import Event, FusedLayerNorm as FusedLayerNormAlgorithm, State
-from slipstream.nn import FusedLayerNorm
-from slipstream.surgery import NoEffectWarning
+from slipstream.nn import FusedLayerNorm, FusedLayerNorm2d
+from slipstream.surgery import NoEffectWarning, SurgeryWarning
 
 
 class TinyTransformer(nn.Module):
@@ -117,3 +118,66 @@ def test_compiled_model_has_no_graph_breaks():
     tokens = torch.randint(0, 50, (2, 7))
     explanation = torch._dynamo.explain(model)(tokens)
     assert explanation.graph_break_count == 0
+
+
+def timm_like(name, forward, fast_norm=False):
+    """A stand-in for a timm norm class (timm cannot be installed here): timm's qualified name."""
+    cls = type(name, (nn.LayerNorm,), {"forward": forward})
+    cls.__module__ = "timm.layers.norm"
+    original_init = cls.__init__
+
+    def __init__(self, channels, eps=1e-6):
+        original_init(self, channels, eps=eps)
+        self._fast_norm = fast_norm
+
+    cls.__init__ = __init__
+    return cls
+
+
+def channels_first_forward(self, x):  # timm's LayerNorm2d.forward with fast norm off
+    x = x.permute(0, 2, 3, 1)
+    return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_timm_layer_norm_2d_becomes_fused_layer_norm_2d(channels_last):
+    LayerNorm2d = timm_like("LayerNorm2d", channels_first_forward)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), LayerNorm2d(6), nn.Conv2d(6, 5, 1), nn.LayerNorm(5))
+    randomize_norms(model)
+    reference = copy.deepcopy(model)
+    replaced = sf.apply_fused_layernorm(model)
+    assert [type(new) for new in replaced.values()] == [FusedLayerNorm2d, FusedLayerNorm]
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    x = torch.randn(2, 3, 9, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out, ref = model(x), reference(x)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    dy = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, list(model.parameters()), dy)
+    ref_grads = torch.autograd.grad(ref, list(reference.parameters()), dy)
+    assert all(torch.allclose(g, r, atol=1e-4, rtol=1e-4) for g, r in zip(grads, ref_grads))
+
+
+def test_fused_layer_norm_2d_checks_rank_and_matches_float64():
+    norm = FusedLayerNorm2d(5)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3)
+        norm.bias.normal_(0.0, 0.3)
+    x = (torch.randn(2, 5, 3, 4) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    x64 = x.double().requires_grad_()
+    ref = F.layer_norm(x64.permute(0, 2, 3, 1), (5,), norm.weight.double(), norm.bias.double()).permute(0, 3, 1, 2)
+    out = norm(x)
+    assert float((out.double() - ref).norm() / ref.norm()) < 1e-6
+    with pytest.raises(ValueError, match="NCHW"):
+        norm(torch.randn(2, 5))
+
+
+def test_timm_fast_norm_is_left_alone():
+    LayerNorm = timm_like("LayerNorm", lambda self, x: F.layer_norm(
+        x, self.normalized_shape, self.weight, self.bias, self.eps), fast_norm=True)
+    model = nn.Sequential(LayerNorm(4), nn.LayerNorm(4))
+    with pytest.warns(SurgeryWarning, match="fast norm"):
+        replaced = sf.apply_fused_layernorm(model)
+    assert len(replaced) == 1 and type(model[0]) is LayerNorm and type(model[1]) is FusedLayerNorm

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,8 +12,27 @@ from torch import nn
 from slipstream.nn._autocast import active_autocast_dtype, cast_optional
 from slipstream.ops._backend import triton_available
 from slipstream.ops.layer_norm import layer_norm
+from slipstream.surgery import SurgeryWarning
 
-__all__ = ["LPLayerNorm", "FusedLayerNorm"]
+__all__ = ["LPLayerNorm", "FusedLayerNorm", "FusedLayerNorm2d", "CHANNELS_FIRST_LAYER_NORMS"]
+
+#: Qualified names of channels-first LayerNorms: ``nn.LayerNorm`` subclasses whose forward normalizes
+#: dim 1 of an NCHW tensor (``permute(0, 2, 3, 1)``, layer_norm over the last dim, permute back).
+#: :func:`slipstream.functional.apply_fused_layernorm` swaps them for :class:`FusedLayerNorm2d`.
+CHANNELS_FIRST_LAYER_NORMS = ("timm.layers.norm.LayerNorm2d", "timm.models.layers.norm.LayerNorm2d")
+
+
+def _uses_timm_fast_norm(module: nn.Module) -> bool:
+    """timm's norms with its "fast norm" on compute in the autocast dtype: other math than ours."""
+    if getattr(module, "_fast_norm", False):
+        warnings.warn(
+            f"surgery left {type(module).__name__} alone: timm's fast norm is on for it, which computes in the "
+            "autocast dtype, and the fused norm computes in fp32",
+            SurgeryWarning,
+            stacklevel=5,
+        )
+        return True
+    return False
 
 
 def _layer_norm_config(module: nn.LayerNorm) -> dict:
@@ -76,11 +98,36 @@ class FusedLayerNorm(nn.LayerNorm):
     """
 
     @classmethod
-    def from_module(cls, module: nn.LayerNorm) -> "FusedLayerNorm":
-        """A replacement with ``module``'s configuration (surgery then adopts its Parameters)."""
-        return cls(**_layer_norm_config(module))
+    def from_module(cls, module: nn.LayerNorm) -> Optional["FusedLayerNorm"]:
+        """A replacement with ``module``'s configuration (surgery then adopts its Parameters).
+
+        None (with a SurgeryWarning) for a timm norm whose fast norm is on: it computes other math.
+        """
+        return None if _uses_timm_fast_norm(module) else cls(**_layer_norm_config(module))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return layer_norm(
             x, self.normalized_shape, self.weight, self.bias, self.eps, out_dtype=active_autocast_dtype(x)
         )
+
+
+class FusedLayerNorm2d(FusedLayerNorm):
+    """Channels-first LayerNorm: normalizes dim 1 (channels) of an NCHW tensor, with the fused kernel.
+
+    The math of timm's ``LayerNorm2d`` (``permute(0, 2, 3, 1)``, layer norm over channels, permute
+    back), computed as :class:`FusedLayerNorm` computes it (fp32 math; under autocast the output is
+    in the autocast dtype). A channels_last input is read in place: its permuted view is contiguous
+    rows of channels. Same parameters and ``state_dict`` as the module it replaces.
+
+    Example:
+        >>> ln = FusedLayerNorm2d(3)
+        >>> x = torch.randn(2, 3, 4, 5)
+        >>> ref = F.layer_norm(x.permute(0, 2, 3, 1), (3,), ln.weight, ln.bias).permute(0, 3, 1, 2)
+        >>> torch.allclose(ln(x), ref, atol=1e-6)
+        True
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"FusedLayerNorm2d expects an NCHW tensor, got shape {tuple(x.shape)}")
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
