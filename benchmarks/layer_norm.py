@@ -176,8 +176,8 @@ def tuning_candidates(n: int) -> list[tuple[str, kernels.Tiling]]:
 def run_tiling(kind: str, tiling: kernels.Tiling, x, w, b, dy) -> Callable[[], object]:
     if kind == "forward":
         return lambda: kernels.forward(x, w, b, EPS, x.dtype, tiling)
-    _, mean, rstd = kernels.forward(x, w, b, EPS, x.dtype)
-    return lambda: kernels.backward(dy, x, w, mean, rstd, b.dtype, tiling)
+    _, stats = kernels.forward(x, w, b, EPS, x.dtype)
+    return lambda: kernels.backward(dy, x, w, stats, b.dtype, tiling)
 
 
 def _compile_jobs(jobs: list) -> int:
