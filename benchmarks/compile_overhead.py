@@ -11,8 +11,9 @@ Run: ``PYTHONPATH=. python benchmarks/compile_overhead.py [--out compile_overhea
 2. Timing: 12 blocks of ``x + Dropout(Linear(GELU(Linear(LayerNorm(x)))))`` (768 -> 3072 -> 768),
    batch 8 x 512 tokens, bf16 autocast, forward + backward: nn.LayerNorm/nn.Dropout against
    FusedLayerNorm/SeededDropout (``apply_fused_layernorm`` + ``apply_low_memory_dropout``), in eager
-   mode and under ``torch.compile`` (ours with each ``compiled_layer_norm`` path). Median step time from CUDA events, and the median host time to
-   enqueue a step (its Python and launch cost, with no synchronization).
+   mode and under ``torch.compile`` (ours with each ``compiled_layer_norm`` path). Median step time
+   from CUDA events, and the median host time to enqueue a step (its Python and launch cost, with no
+   synchronization).
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ def time_stack(table: Table, steps: int) -> None:
     x = torch.randn(BATCH, TOKENS, WIDTH, device="cuda")
     runs = [("eager", "nn.LayerNorm + nn.Dropout", base, None), ("eager", "FusedLayerNorm + SeededDropout", ours, None),
             ("torch.compile", "nn.LayerNorm + nn.Dropout", base, None)]
-    runs += [("torch.compile", f"FusedLayerNorm ({path}) + SeededDropout", ours, path) for path in ("inductor", "kernel")]
+    runs += [("torch.compile", f"FusedLayerNorm ({path}) + SeededDropout", ours, path)
+             for path in ("inductor", "kernel")]
     for mode, name, model, layer_norm_path in runs:
         torch._dynamo.reset()
         with _compiled_layer_norm(layer_norm_path or slipstream.config.compiled_layer_norm):

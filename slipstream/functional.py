@@ -26,15 +26,24 @@ __all__ = ["apply_fused_layernorm", "apply_low_precision_layernorm", "apply_low_
 Optimizers = Optional[Union[torch.optim.Optimizer, Iterable[torch.optim.Optimizer]]]
 
 
+_Build = Callable[[nn.Module], Optional[nn.Module]]
+
+
 def _replace_all(
     model: nn.Module,
     original: type[nn.Module],
-    build: Callable[[nn.Module], Optional[nn.Module]],
+    build: _Build,
     optimizers: Optimizers,
     method: str,
+    also: Optional[dict[type[nn.Module], _Build]] = None,
 ) -> dict[nn.Module, nn.Module]:
-    """Swap every module ``surgery`` matches to ``original`` for ``build(module)`` (None keeps it); warn if none."""
-    replaced = replace_module_classes(model, {original: lambda module, index: build(module)}, optimizers)
+    """Swap every module ``surgery`` matches to ``original`` for ``build(module)`` (None keeps it); warn if none.
+
+    ``also``: more classes to match, each with its own ``build`` (subclasses of ``original`` with
+    other math that have a replacement of their own).
+    """
+    policies = {cls: (lambda module, index, b=b: b(module)) for cls, b in {original: build, **(also or {})}.items()}
+    replaced = replace_module_classes(model, policies, optimizers)
     if not replaced:
         warnings.warn(f"{method}: found no {original.__name__} to replace; the model is unchanged", NoEffectWarning)
     return replaced
@@ -178,13 +187,9 @@ def apply_fused_layernorm(model: nn.Module, optimizers: Optimizers = None) -> di
         >>> len(apply_fused_layernorm(model))
         1
     """
-    policies = {nn.LayerNorm: lambda module, index: FusedLayerNorm.from_module(module)}
-    for channels_first in classes_named(model, CHANNELS_FIRST_LAYER_NORMS):
-        policies[channels_first] = lambda module, index: FusedLayerNorm2d.from_module(module)
-    replaced = replace_module_classes(model, policies, optimizers)
-    if not replaced:
-        warnings.warn("apply_fused_layernorm: found no LayerNorm to replace; the model is unchanged", NoEffectWarning)
-    return replaced
+    channels_first = {cls: FusedLayerNorm2d.from_module for cls in classes_named(model, CHANNELS_FIRST_LAYER_NORMS)}
+    return _replace_all(model, nn.LayerNorm, FusedLayerNorm.from_module, optimizers, "apply_fused_layernorm",
+                        also=channels_first)
 
 
 def apply_low_memory_dropout(model: nn.Module, seed: Optional[int] = None) -> dict[nn.Module, nn.Module]:

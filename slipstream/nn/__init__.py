@@ -7,5 +7,5 @@ from slipstream.nn.layer_norm import FusedLayerNorm, FusedLayerNorm2d, LPLayerNo
 from slipstream.nn.run_state import load_run_state, save_run_state
 from slipstream.nn.sparse_jl import SparseJL
 
-__all__ = ["FusedLayerNorm", "FusedLayerNorm2d", "LPLayerNorm", "LPGroupNorm", "GyroDropout", "SeededDropout", "FusedGroupNorm",
-           "fuse_silu_into_group_norms", "SparseJL", "save_run_state", "load_run_state"]
+__all__ = ["FusedLayerNorm", "FusedLayerNorm2d", "LPLayerNorm", "LPGroupNorm", "GyroDropout", "SeededDropout",
+           "FusedGroupNorm", "fuse_silu_into_group_norms", "SparseJL", "save_run_state", "load_run_state"]

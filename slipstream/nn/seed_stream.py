@@ -2,8 +2,9 @@
 
 Seed number ``i`` of the stream keyed by ``key`` is ``stream_seed(key, i)`` (SplitMix64 of
 ``key + (i + 1) * golden_ratio``), so the whole state is two integers ``(key, calls)``, the owner's
-run state (:mod:`slipstream.nn.run_state`). Why not a ``torch.Generator``: drawing from one is a graph break under
-``torch.compile``, and a counter can be rewound, which activation checkpointing needs.
+run state (:mod:`slipstream.nn.run_state`). Why not a ``torch.Generator``: drawing from one is a
+graph break under ``torch.compile``, and a counter can be rewound, which activation checkpointing
+needs.
 
 Checkpointing: ``torch.utils.checkpoint`` re-runs a forward during backward and needs the same masks
 back, with or without ``preserve_rng_state``. A call made while autograd runs a backward pass
@@ -133,7 +134,10 @@ class SeedStream:
         self._replay_cursor = 0
 
     def next(self) -> Union[int, Tensor]:
-        """The seed for this call (replayed during recomputation): an int, or a 0-d int64 CPU tensor when compiling."""
+        """The seed for this call (replayed during recomputation).
+
+        An int; a 0-d int64 CPU tensor when compiling (traced, so the graph computes it).
+        """
         if torch.compiler.is_compiling():
             # Pure op plus a rebound state: compiled checkpointing recomputes the seed from the old state.
             seed = stream_seed_of_state(self.state)
