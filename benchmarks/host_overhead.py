@@ -18,17 +18,19 @@ Run (repo root, on a CUDA machine)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import pstats
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.common import Table, command_line, environment_line, write_section
-from slipstream.ops import layer_norm, seeded_dropout
+from slipstream import config
+from slipstream.ops import group_norm, layer_norm, seeded_dropout, seeded_dropout_rows, sparse_jl
 
 CALLS = 300
 
@@ -48,13 +50,74 @@ def host_us_per_call(fn: Callable[[], object], calls: int = CALLS) -> float:
     return sorted(samples)[len(samples) // 2]
 
 
-def _cases(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> dict[str, tuple[Callable, Callable]]:
-    n = x.shape[-1]
-    ours_ln = lambda t: layer_norm(t, (n,), w, b)  # noqa: E731
-    torch_ln = lambda t: F.layer_norm(t, (n,), w, b)  # noqa: E731
-    ours_drop = lambda t: seeded_dropout(t, 0.1, 1234)  # noqa: E731
-    torch_drop = lambda t: F.dropout(t, 0.1, training=True)  # noqa: E731
-    return {"layer_norm": (torch_ln, ours_ln), "dropout": (torch_drop, ours_drop)}
+def _cases(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+           image: torch.Tensor) -> dict[str, tuple[Callable, Callable, torch.Tensor]]:
+    """Per op: (torch's call, ours, its input)."""
+    n, c = x.shape[-1], image.shape[1]
+    gw, gb = w[:c], b[:c]
+    return {
+        "layer_norm": (lambda t: F.layer_norm(t, (n,), w, b), lambda t: layer_norm(t, (n,), w, b), x),
+        "dropout": (lambda t: F.dropout(t, 0.1, training=True), lambda t: seeded_dropout(t, 0.1, 1234), x),
+        "group_norm": (lambda t: F.group_norm(t, 32, gw, gb), lambda t: group_norm(t, 32, gw, gb), image),
+    }
+
+
+@contextlib.contextmanager
+def eager_launch(mode: str) -> Iterator[None]:
+    """Run the block with ``slipstream.config.eager_launch = mode``."""
+    before, config.eager_launch = config.eager_launch, mode
+    try:
+        yield
+    finally:
+        config.eager_launch = before
+
+
+def _misaligned_copy(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values in memory that starts one element past a 16-byte boundary, same strides."""
+    base = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)[1:]
+    return base.view(t.shape).copy_(t) if t.is_contiguous() else base.as_strided(t.shape, t.stride()).copy_(t)
+
+
+def check_cached_launches() -> str:
+    """Every op's outputs and gradients through cached launches equal Triton's own launches, bit for bit.
+
+    Both modes run the same compiled kernels on the same values, so any difference is a launch that
+    reached the wrong kernel or arguments. Each input comes aligned and misaligned (another
+    specialization), and each is launched several times, so later calls take the cached path.
+    """
+    torch.manual_seed(0)
+    cases = {
+        "layer_norm bf16 3x5x768": (lambda t: layer_norm(t, (768,)), torch.randn(3, 5, 768, dtype=torch.bfloat16)),
+        "layer_norm fp32 7x1537": (lambda t: layer_norm(t, (1537,)), torch.randn(7, 1537)),
+        "layer_norm bf16 3x20000 (looped, column-tiled)": (lambda t: layer_norm(t, (20000,)),
+                                                           torch.randn(3, 20000, dtype=torch.bfloat16)),
+        "dropout bf16 1000x33": (lambda t: seeded_dropout(t, 0.3, 99), torch.randn(1000, 33, dtype=torch.bfloat16)),
+        "dropout rows fp32 64x100 transposed": (
+            lambda t: seeded_dropout_rows(t, 0.5, torch.arange(t.shape[0], device=t.device) * 7 + 1),
+            torch.randn(100, 64).t()),
+        "group_norm bf16 4x96x7x9 channels_last": (
+            lambda t: group_norm(t, 8, activation="silu"),
+            torch.randn(4, 96, 7, 9, dtype=torch.bfloat16).to(memory_format=torch.channels_last)),
+        "sparse_jl fp32 50x300 -> 64": (lambda t: sparse_jl(t, 64, 11), torch.randn(50, 300)),
+    }
+    table = Table(["case", "input", "calls", "outputs and gradients equal"])
+    for name, (op, cpu_input) in cases.items():
+        for layout, make in (("aligned", lambda t: t.clone()), ("misaligned", _misaligned_copy)):
+            values = cpu_input.cuda()
+            results = {}
+            for mode in ("triton", "cached"):
+                with eager_launch(mode):
+                    for _ in range(3):
+                        x = make(values).requires_grad_()
+                        y = op(x)
+                        y.backward(torch.ones_like(y))
+                        results.setdefault(mode, []).append((y.detach(), x.grad))
+            equal = all(torch.equal(a, b) for (ya, ga), (yb, gb) in zip(results["triton"], results["cached"])
+                        for a, b in ((ya, yb), (ga, gb)))
+            table.add(name, layout, 3, "yes" if equal else "**NO**")
+            if not equal:
+                raise SystemExit(f"cached launch differs from Triton's: {name}, {layout}\n" + table.markdown())
+    return table.markdown()
 
 
 def _forward_backward(op: Callable, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
@@ -127,19 +190,33 @@ def run(with_parts: bool) -> str:
     x = torch.randn(8, 512, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     b = torch.randn(768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dy = torch.randn_like(x)
-    table = Table(["op", "pass", "torch us/call", "slipstream us/call", "ratio"])
+    image = torch.randn(8, 256, 32, 32, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    image.requires_grad_()
+    table = Table(["op", "pass", "torch us/call", "slipstream, Triton launch us/call",
+                   "slipstream, cached launch us/call", "ratio to torch (Triton / cached launch)"])
     profiles = []
-    for name, (theirs, ours) in _cases(x, w, b).items():
-        for label, make in (("forward", lambda op: (lambda: op(x.detach()))),
-                            ("forward+backward", lambda op: _forward_backward(op, x, dy))):
-            t, o = host_us_per_call(make(theirs)), host_us_per_call(make(ours))
-            table.add(name, label, f"{t:.1f}", f"{o:.1f}", f"{o / t:.2f}x")
-        profiles.append(f"#### {name}, forward+backward, cProfile of 100 calls\n\n```\n"
-                        f"{profile_top(_forward_backward(ours, x, dy))}```")
-    body = table.markdown()
+    for name, (theirs, ours, t) in _cases(x, w, b, image).items():
+        dy = torch.randn_like(t)
+        for label, make in (("forward", lambda op: (lambda: op(t.detach()))),
+                            ("forward+backward", lambda op: _forward_backward(op, t, dy))):
+            # A-B-B-A order, mean of the two medians: this host drifts between consecutive timings
+            times = {"torch": [], "triton": [], "cached": []}
+            for mode in ("triton", "cached", "cached", "triton"):
+                with eager_launch(mode):
+                    times["torch"].append(host_us_per_call(make(theirs)))
+                    times[mode].append(host_us_per_call(make(ours)))
+            mean = {k: sum(v) / len(v) for k, v in times.items()}
+            table.add(name, label, f"{mean['torch']:.1f}", f"{mean['triton']:.1f}", f"{mean['cached']:.1f}",
+                      f"{mean['triton'] / mean['torch']:.2f}x / {mean['cached'] / mean['torch']:.2f}x")
+        profiles.append(f"#### {name}, forward+backward (cached launch), cProfile of 100 calls\n\n```\n"
+                        f"{profile_top(_forward_backward(ours, t, dy))}```")
+    body = ("Cached launches against Triton's own, bit for bit:\n\n" + check_cached_launches()
+            + "\n\nHost time per call (each number the mean of two medians, timed in A-B-B-A order):\n\n"
+            + table.markdown())
     if with_parts:
-        body += "\n\nPieces, each called on its own:\n\n" + parts(x, w, b, dy)
+        for mode in ("triton", "cached"):
+            with eager_launch(mode):
+                body += f"\n\nPieces, each called on its own ({mode} launch):\n\n" + parts(x, w, b, torch.randn_like(x))
     return body + "\n\n" + "\n\n".join(profiles)
 
 

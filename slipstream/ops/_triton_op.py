@@ -8,8 +8,8 @@ from its generated wrapper, with no Python of ours per call (and CUDA graphs can
 
 A body therefore holds only shape-dependent Python, torch allocations and wrapped launches; the
 launchers in :mod:`slipstream.ops.kernels` take ``traceable=True`` from a body and launch
-through :func:`launcher`. Eager mode keeps calling them with ``traceable=False`` (direct launches,
-no higher-order-op dispatch).
+through :func:`launcher`. Eager mode keeps calling them with ``traceable=False`` (direct launches
+through :mod:`slipstream.ops.kernels.cached_launch`, no higher-order-op dispatch).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Callable, TypeVar
 
 import torch
 
+from slipstream import config
 from slipstream.ops._backend import interpreting, use_triton
 
 __all__ = ["register_triton_op", "launcher", "body_uses_triton"]
@@ -49,20 +50,35 @@ def _as_is(kernel: Kernel) -> Kernel:
     return kernel
 
 
+def _cached(kernel: Kernel) -> Kernel:
+    from slipstream.ops.kernels.cached_launch import cached_launcher
+
+    return cached_launcher(kernel)
+
+
 def launcher(traceable: bool) -> Callable[[Kernel], Kernel]:
-    """What a launcher indexes with ``[grid]``: ``wrap_triton(kernel)`` in a traced body, else the kernel.
+    """What a launcher indexes with ``[grid]``: ``wrap_triton(kernel)`` in a traced body, else a fast eager launcher.
 
     ``wrap_triton`` returns the kernel itself when a ``triton_op`` runs on real tensors, so a body
-    always asks for it; eager paths skip it (it would dispatch through a higher-order op).
+    always asks for it. Eager paths get the kernel's
+    :class:`~slipstream.ops.kernels.cached_launch.CachedLauncher` (no higher-order-op dispatch, and
+    no Triton argument binding after the first launch), or under Triton's interpreter the kernel
+    itself.
 
-    Example:
+    Example (under ``TRITON_INTERPRET=1``, as in the tests):
         >>> launcher(False)(print) is print
         True
     """
-    # Interpreted kernels (TRITON_INTERPRET=1) cannot be wrapped; bodies only launch them on real tensors.
-    if traceable and hasattr(torch.library, "wrap_triton") and not interpreting():
+    if interpreting():  # interpreted kernels cannot be wrapped, and compile nothing to cache
+        return _as_is
+    if traceable and hasattr(torch.library, "wrap_triton"):
         return torch.library.wrap_triton
-    return _as_is
+    mode = config.eager_launch
+    if mode == "cached":
+        return _cached
+    if mode == "triton":
+        return _as_is
+    raise ValueError(f"slipstream.config.eager_launch must be 'cached' or 'triton', got {mode!r}")
 
 
 def body_uses_triton(x: torch.Tensor) -> bool:

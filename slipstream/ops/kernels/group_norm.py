@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from slipstream.ops._backend import interpreting
+from slipstream.ops._triton_op import launcher
 
 __all__ = ["forward", "backward", "TileShape", "tile_shape"]
 
@@ -487,7 +488,7 @@ def _phases(plan: _Plan) -> list[tuple[bool, bool, bool]]:
 def _combine(part: torch.Tensor, out0: torch.Tensor, out1: torch.Tensor, plan: _Plan, num_groups: int,
              cg: int, s: int, eps: float, forward: bool) -> None:
     tile = plan.shape
-    _combine_kernel[(plan.num_sets,)](
+    launcher(False)(_combine_kernel)[(plan.num_sets,)](
         part, out0, out1, plan.per_set, plan.n_gblocks, plan.n_schunks, num_groups, s, eps, CG=cg,
         GB=tile.groups, CB=tile.channels, SB=tile.positions, KB=COMBINE_BLOCK, FORWARD=forward,
     )
@@ -525,7 +526,7 @@ def forward(
     for launch, (stats, apply, wait) in enumerate(_phases(plan)):
         if launch == 1:
             _combine(part, mean, rstd, plan, num_groups, cg, s, eps, forward=True)
-        _forward_kernel[(plan.num_sets * plan.per_set,)](
+        launcher(False)(_forward_kernel)[(plan.num_sets * plan.per_set,)](
             x, y, weight if weight is not None else x, bias if bias is not None else x, mean, rstd, part, sync,
             num_groups, s, plan.n_gblocks, plan.n_schunks, plan.per_set, plan.num_sets,
             *_ncs_strides(x), *_ncs_strides(y), eps,
@@ -568,7 +569,7 @@ def backward(
     for launch, (stats, apply, wait) in enumerate(_phases(plan)):
         if launch == 1:
             _combine(part, grads[0], grads[1], plan, num_groups, cg, s, 0.0, forward=False)
-        _backward_kernel[(plan.num_sets * plan.per_set,)](
+        launcher(False)(_backward_kernel)[(plan.num_sets * plan.per_set,)](
             x, dy, dx, weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
             grads[0], grads[1], part, cpart[0], cpart[1], sync,
             c, num_groups, s, plan.n_gblocks, plan.n_schunks, plan.per_set, plan.num_sets,

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from slipstream.ops._backend import interpreting
+from slipstream.ops._triton_op import launcher
 from slipstream.ops.sparse_jl import PHILOX_STREAM
 
 __all__ = ["TileConfig", "with_split", "choose_config", "launch_projection"]
@@ -218,7 +219,7 @@ def launch_projection(
     else:
         out = torch.empty(split, m, n, dtype=torch.float32, device=a.device)
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), split)
-    _projection_kernel[grid](
+    launcher(False)(_projection_kernel)[grid](
         a, out, m, n, r, a.stride(0), a.stride(1), out.stride(0) if split > 1 else 0, out.stride(-2),
         seed, scale / 2, split_size,
         SPARSITY=sparsity, TRANSPOSED=transposed,
