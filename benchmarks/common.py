@@ -7,13 +7,16 @@ device-to-device copy bandwidth measured in the same process (bytes read + bytes
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import platform
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
+
+from slipstream import config
 
 
 def do_bench_median(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> float:
@@ -21,6 +24,16 @@ def do_bench_median(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int =
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+@contextlib.contextmanager
+def eager_launch(mode: str) -> Iterator[None]:
+    """Run the block with ``slipstream.config.eager_launch = mode`` (``"cached"`` or ``"triton"``)."""
+    before, config.eager_launch = config.eager_launch, mode
+    try:
+        yield
+    finally:
+        config.eager_launch = before
 
 
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:

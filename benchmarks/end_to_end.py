@@ -7,7 +7,9 @@ trains these configurations, each built fresh from the same seed:
 * ``eager`` and ``compile`` (torch.compile) baselines;
 * each applicable slipstream method alone (``apply_*`` functions found in ``slipstream.functional``
   at run time; applicable = it replaced at least one module of this model);
-* ``all`` applicable methods together, and ``all+compile``.
+* ``all`` applicable methods together, and ``all+compile``;
+* on request, ``all-triton-launch``: ``all`` with ``slipstream.config.eager_launch = "triton"`` (Triton's
+  own launch path instead of slipstream's cached one), to time what the cached launches save.
 
 Configurations are interleaved: each round runs every configuration once (a few untimed steps, then
 ``--steps`` timed ones); step time is the median over rounds of each round's median, with the min-max
@@ -43,7 +45,7 @@ from benchmarks.end_to_end_training import (
     Config, MethodFn, Trainee, batch_pool, discover_methods, dropout_mask_bytes, free_device_memory,
 )
 
-CONFIG_KINDS = ("eager", "compile", "methods", "all", "all+compile")
+CONFIG_KINDS = ("eager", "compile", "methods", "all", "all+compile", "all-triton-launch")
 
 
 def _csv(allowed: Sequence[str], argument: str):
@@ -110,6 +112,8 @@ def _configs(kinds: Sequence[str], applicable: list[str]) -> list[Config]:
     if applicable:
         configs += [Config(kind, tuple(applicable), kind == "all+compile")
                     for kind in ("all", "all+compile") if kind in kinds]
+        if "all-triton-launch" in kinds:
+            configs.append(Config("all, Triton launch", tuple(applicable), False, eager_launch="triton"))
     return configs
 
 

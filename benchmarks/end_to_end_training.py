@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from benchmarks.common import eager_launch
 from benchmarks.end_to_end_models import BATCHES_IN_POOL, Batch, ModelSpec
 from slipstream.surgery import SurgeryWarning
 
@@ -125,6 +126,7 @@ class Config:
     name: str
     methods: tuple[str, ...]
     compiled: bool
+    eager_launch: str = "cached"  # slipstream.config.eager_launch during its steps
 
 
 class LossModule(nn.Module):
@@ -249,9 +251,10 @@ class Trainee:
     def step(self) -> torch.Tensor:
         """One training step: forward and loss under bf16 autocast, backward, fused AdamW."""
         batch = self.batches[self.steps_done % len(self.batches)]
-        with torch.autocast(self.device.type, dtype=torch.bfloat16):
-            loss = self.module(batch)
-        loss.backward()
+        with eager_launch(self.config.eager_launch):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                loss = self.module(batch)
+            loss.backward()
         self.optimizer.step()
         # Grads are freed between steps, so each configuration's memory at rest is weights + optimizer state.
         self.optimizer.zero_grad(set_to_none=True)

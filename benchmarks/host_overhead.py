@@ -18,18 +18,16 @@ Run (repo root, on a CUDA machine)::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import io
 import pstats
 import time
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import Table, command_line, environment_line, write_section
-from slipstream import config
+from benchmarks.common import Table, command_line, eager_launch, environment_line, write_section
 from slipstream.ops import group_norm, layer_norm, seeded_dropout, seeded_dropout_rows, sparse_jl
 
 CALLS = 300
@@ -60,16 +58,6 @@ def _cases(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
         "dropout": (lambda t: F.dropout(t, 0.1, training=True), lambda t: seeded_dropout(t, 0.1, 1234), x),
         "group_norm": (lambda t: F.group_norm(t, 32, gw, gb), lambda t: group_norm(t, 32, gw, gb), image),
     }
-
-
-@contextlib.contextmanager
-def eager_launch(mode: str) -> Iterator[None]:
-    """Run the block with ``slipstream.config.eager_launch = mode``."""
-    before, config.eager_launch = config.eager_launch, mode
-    try:
-        yield
-    finally:
-        config.eager_launch = before
 
 
 def _misaligned_copy(t: torch.Tensor) -> torch.Tensor:
