@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from slipstream.ops._triton_op import launcher
+from slipstream.ops.kernels.host_math import cdiv, next_power_of_2
 
 __all__ = ["launch_seeded_dropout"]
 
@@ -98,12 +99,12 @@ def _reach(stride_r: int, stride_c: int, rows: int, cols: int) -> int:
 
 def _tile(n_rows: int, n_cols: int, column_major: bool, block_elements: int) -> tuple[int, int]:
     """(rows, column groups) per program: long along whichever dimension is contiguous in memory."""
-    groups = triton.cdiv(n_cols, _LANES)
+    groups = cdiv(n_cols, _LANES)
     if column_major and n_rows > 1:  # e.g. a transposed view
-        block_rows = min(64, triton.next_power_of_2(n_rows))
-        return block_rows, min(8, triton.next_power_of_2(groups))
-    block_groups = min(block_elements // _LANES, triton.next_power_of_2(groups))
-    block_rows = min(max(1, block_elements // (block_groups * _LANES)), triton.next_power_of_2(n_rows))
+        block_rows = min(64, next_power_of_2(n_rows))
+        return block_rows, min(8, next_power_of_2(groups))
+    block_groups = min(block_elements // _LANES, next_power_of_2(groups))
+    block_rows = min(max(1, block_elements // (block_groups * _LANES)), next_power_of_2(n_rows))
     return block_rows, block_groups
 
 
@@ -147,8 +148,8 @@ def launch_seeded_dropout(
     n_rows, n_cols, x_stride_r, x_stride_c = _matrix(x, one_row)
     _, _, out_stride_r, out_stride_c = _matrix(out, one_row)
     block_rows, block_groups = _tile(n_rows, n_cols, x_stride_r == 1 and x_stride_c != 1, block_elements)
-    col_blocks = triton.cdiv(n_cols, block_groups * _LANES)
-    row_blocks = triton.cdiv(n_rows, block_rows)
+    col_blocks = cdiv(n_cols, block_groups * _LANES)
+    row_blocks = cdiv(n_rows, block_rows)
     if int64 is None:
         # Masked lanes of the last tiles still compute offsets: count the padded grid.
         rows, cols = row_blocks * block_rows, col_blocks * block_groups * _LANES

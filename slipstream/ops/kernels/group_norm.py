@@ -38,6 +38,7 @@ import triton.language as tl
 
 from slipstream.ops._backend import interpreting
 from slipstream.ops._triton_op import launcher
+from slipstream.ops.kernels.host_math import cdiv, next_power_of_2
 
 __all__ = ["forward", "backward", "TileShape", "tile_shape"]
 
@@ -386,23 +387,23 @@ def tile_shape(num_groups: int, group_channels: int, positions: int, channels_la
         >>> tile_shape(32, 8, 4096, channels_last=False, element_size=2, tile=8192, max_per_set=132)
         TileShape(groups=1, channels=2, positions=4096)
     """
-    cg_p2 = triton.next_power_of_2(group_channels)
-    group_fits = cg_p2 * triton.next_power_of_2(positions) <= tile
+    cg_p2 = next_power_of_2(group_channels)
+    group_fits = cg_p2 * next_power_of_2(positions) <= tile
     largest = 4 * tile
     contiguous_extent = num_groups * group_channels if channels_last else positions
     min_run = min(min_run_bytes, contiguous_extent * element_size)
     best, best_key = None, None
     for cb in _pow2_at_most(min(cg_p2, largest)):
-        for sb in _pow2_at_most(min(triton.next_power_of_2(positions), largest // cb)):
+        for sb in _pow2_at_most(min(next_power_of_2(positions), largest // cb)):
             whole_groups = cb == cg_p2
-            gb_limit = min(triton.next_power_of_2(num_groups), largest // (cb * sb)) if whole_groups else 1
+            gb_limit = min(next_power_of_2(num_groups), largest // (cb * sb)) if whole_groups else 1
             for gb in _pow2_at_most(gb_limit):
-                padded = (triton.cdiv(num_groups, gb) * gb * triton.cdiv(group_channels, cb) * cb
-                          * triton.cdiv(positions, sb) * sb)
+                padded = (cdiv(num_groups, gb) * gb * cdiv(group_channels, cb) * cb
+                          * cdiv(positions, sb) * sb)
                 waste = padded / (num_groups * group_channels * positions)
                 # channels_last: whole groups side by side are one run (padding lanes are masked)
                 run = (gb * group_channels if whole_groups else cb) if channels_last else sb
-                per_set = triton.cdiv(group_channels, cb) * triton.cdiv(positions, sb)
+                per_set = cdiv(group_channels, cb) * cdiv(positions, sb)
                 padding = per_set if group_fits else 0.0 if waste <= 1.15 else round(waste, 1)
                 size = gb * cb * sb
                 key = (per_set > max_per_set, run * element_size < min_run, max(size, tile), padding, -size, per_set)
@@ -458,9 +459,9 @@ def _cached_plan(n: int, c: int, s: int, channels_last: bool, element_size: int,
                  max_per_set: int, min_run_bytes: int, elements_per_thread: int, last_min_partials: int) -> _Plan:
     cg = c // num_groups
     shape = tile_shape(num_groups, cg, s, channels_last, element_size, tile, max_per_set or cg * s, min_run_bytes)
-    n_gblocks = triton.cdiv(num_groups, shape.groups)
-    n_schunks = triton.cdiv(s, shape.positions)
-    per_set = triton.cdiv(cg, shape.channels) * n_schunks
+    n_gblocks = cdiv(num_groups, shape.groups)
+    n_schunks = cdiv(s, shape.positions)
+    per_set = cdiv(cg, shape.channels) * n_schunks
     fused = per_set == 1 or per_set <= max_per_set  # a set of one program never waits
     elements = shape.groups * shape.channels * shape.positions
     num_warps = max(1, min(16, elements // (32 * elements_per_thread)))
@@ -495,7 +496,7 @@ def _combine(part: torch.Tensor, out0: torch.Tensor, out1: torch.Tensor, plan: _
 
 
 def _combine_block(plan: _Plan) -> int:
-    return min(COMBINE_BLOCK, triton.next_power_of_2(plan.per_set))
+    return min(COMBINE_BLOCK, next_power_of_2(plan.per_set))
 
 
 def forward(

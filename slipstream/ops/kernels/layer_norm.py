@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from slipstream.ops._triton_op import launcher
+from slipstream.ops.kernels.host_math import cdiv, next_power_of_2
 
 __all__ = [
     "MAX_REGISTER_ROW",
@@ -114,7 +115,7 @@ def default_tiling(kernel: str, n: int, element_size: int) -> Tiling:
     """
     table, widest = {"forward": (_FORWARD_TILINGS, MAX_REGISTER_ROW),
                      "backward": (_BACKWARD_TILINGS, MAX_BACKWARD_REGISTER_ROW)}[kernel]
-    block_n = triton.next_power_of_2(n)
+    block_n = next_power_of_2(n)
     size = 4 if element_size >= 4 else 2
     if block_n > widest:
         return table[("wide", size)]
@@ -284,7 +285,7 @@ def forward(
     w = x if weight is None else weight  # a placeholder pointer when absent: never read
     b = x if bias is None else bias
     if tiling.block_n >= n:
-        grid = (_programs(tiling, triton.cdiv(m, tiling.block_m), x.device),)
+        grid = (_programs(tiling, cdiv(m, tiling.block_m), x.device),)
         launch(_forward_rows_kernel)[grid](
             x, y, w, b, stats, m, n, row_stride, eps,
             BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, PREFETCH=tiling.prefetch, **flags,
@@ -471,14 +472,14 @@ def backward(
     w = x if weight is None else weight  # a placeholder pointer when absent: never read
     sums = int(has_weight) + int(has_bias)  # rows of per-program partial sums: dW's, then dB's
     if tiling.block_n >= n:
-        n_partials = _programs(tiling, triton.cdiv(m, tiling.block_m), device)
+        n_partials = _programs(tiling, cdiv(m, tiling.block_m), device)
         partials = torch.empty((sums, n_partials, n), dtype=torch.float32, device=device)
         launch(_backward_rows_kernel)[(n_partials,)](
             dy, x, w, stats, dx, partials, m, n, stride_dy, stride_x, **flags
         )
     else:
-        col_blocks = triton.cdiv(n, tiling.block_n)
-        n_partials = triton.cdiv(_programs(tiling, col_blocks * triton.cdiv(m, tiling.block_m), device), col_blocks)
+        col_blocks = cdiv(n, tiling.block_n)
+        n_partials = cdiv(_programs(tiling, col_blocks * cdiv(m, tiling.block_m), device), col_blocks)
         row_means = torch.empty((2, m), dtype=torch.float32, device=device)  # mean(g * xhat), mean(g)
         launch(_backward_row_means_kernel)[(m,)](
             dy, x, w, stats, row_means, m, n, stride_dy, stride_x,

@@ -23,6 +23,7 @@ import triton.language as tl
 from slipstream.ops._backend import interpreting
 from slipstream.ops._triton_op import launcher
 from slipstream.ops.sparse_jl import PHILOX_STREAM
+from slipstream.ops.kernels.host_math import cdiv
 
 __all__ = ["TileConfig", "with_split", "choose_config", "launch_projection"]
 
@@ -175,8 +176,8 @@ def with_split(config: TileConfig, m: int, n: int, r: int, sm_count: int) -> Til
         >>> with_split(TileConfig(256, 128, 64, 8, 3), 4096, 256, 4096, 132).split
         4
     """
-    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
-    steps = triton.cdiv(r, config.block_r)
+    tiles = cdiv(m, config.block_m) * cdiv(n, config.block_n)
+    steps = cdiv(r, config.block_r)
     return replace(config, split=max(1, min(sm_count // tiles, steps // 4)))
 
 
@@ -211,14 +212,14 @@ def launch_projection(
     if config is None:
         sm_count = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 1
         config = choose_config(m, n, r, transposed, a.dtype, sm_count)
-    steps = triton.cdiv(r, config.block_r)
-    split_size = triton.cdiv(steps, config.split) * config.block_r
-    split = triton.cdiv(r, split_size)
+    steps = cdiv(r, config.block_r)
+    split_size = cdiv(steps, config.split) * config.block_r
+    split = cdiv(r, split_size)
     if split == 1:
         out = torch.empty(m, n, dtype=a.dtype, device=a.device)
     else:
         out = torch.empty(split, m, n, dtype=torch.float32, device=a.device)
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), split)
+    grid = (cdiv(m, config.block_m) * cdiv(n, config.block_n), split)
     launcher(False)(_projection_kernel)[grid](
         a, out, m, n, r, a.stride(0), a.stride(1), out.stride(0) if split > 1 else 0, out.stride(-2),
         seed, scale / 2, split_size,
