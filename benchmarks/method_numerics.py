@@ -67,10 +67,18 @@ def compare_kernels_with_fallback(
     found = discover_methods()
     for name in methods:
         apply_method(model, found[name], seed=0)
-    twin = copy.deepcopy(model)  # same weights and the same seed streams: the same dropout masks
-    loss_kernels = _forward_backward(spec, model, batch, autocast)
-    with pytorch_fallback():
-        loss_fallback = _forward_backward(spec, twin, batch, autocast)
+    return compare_model_with_fallback(spec, model, batch, autocast)
+
+
+def compare_model_with_fallback(spec: ModelSpec, model: torch.nn.Module, batch: dict,
+                                autocast: bool) -> dict[str, object]:
+    """One forward+backward of two copies of ``model`` (left untouched): kernels, then fallbacks."""
+    model, twin = copy.deepcopy(model), copy.deepcopy(model)  # same weights and seed streams: same masks
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):  # the caller's RNG streams go on as if this had not run
+        loss_kernels = _forward_backward(spec, model, batch, autocast)
+        with pytorch_fallback():
+            loss_fallback = _forward_backward(spec, twin, batch, autocast)
     got, want = _gradients(model), _gradients(twin)
     diff = math.sqrt(sum(float((got[k] - want[k]).square().sum()) for k in want))
     norm = math.sqrt(sum(float(want[k].square().sum()) for k in want))
