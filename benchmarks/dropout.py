@@ -29,7 +29,7 @@ from torch import nn
 from benchmarks.common import (
     Table, command_line, copy_bandwidth_gbs, do_bench_median, environment_line, gbs, rel_error, write_section,
 )
-from slipstream.nn import SeededDropout
+from slipstream.nn import SeededDropout, load_run_state, save_run_state
 from slipstream.ops.dropout import keep_mask, keep_threshold, seeded_dropout, seeded_dropout_rows
 from slipstream.ops.kernels import dropout as kernels
 from slipstream.ops.philox import philox
@@ -150,8 +150,11 @@ def _stack(width: int, blocks: int, dropout: Callable[[], nn.Module]) -> nn.Sequ
     return nn.Sequential(*[_Block(width, dropout()) for _ in range(blocks)])
 
 
-def _grads_of(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, state: dict) -> list:
-    model.load_state_dict(state)
+def _grads_of(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+              state: tuple[dict, dict]) -> list:
+    weights, seeds = state
+    model.load_state_dict(weights)
+    load_run_state(model, seeds)  # the seed streams are run state, not in the state_dict
     model.zero_grad()
     run(x).float().square().mean().backward()
     return [p.grad.clone() for p in model.parameters()]
@@ -163,7 +166,8 @@ def check_module(log: list[str]) -> None:
 
     torch.manual_seed(0)
     model = _stack(256, 3, lambda: SeededDropout(P)).cuda()
-    state = {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
+    state = ({k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()},
+             save_run_state(model))
     x = torch.randn(64, 256, device="cuda", requires_grad=True)  # reentrant checkpoint needs one
     explained = torch._dynamo.explain(model)(x)
     problems = [] if explained.graph_break_count == 0 else [f"graph breaks: {explained.break_reasons}"]

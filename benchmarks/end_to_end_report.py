@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 from benchmarks.common import Table
+from benchmarks.end_to_end_training import FINAL_LOSS_STEPS
 
 __all__ = ["TARGET_ALL_VS_EAGER", "speedup", "model_section"]
 
@@ -75,7 +76,7 @@ def _results_table(result: dict) -> str:
     configs = _by_name(result)
     eager, compiled = configs.get("eager"), configs.get("compile")
     table = Table([
-        "config", "step ms (median)", "spread ms", result["unit"], "peak MiB", f"loss @ {result['loss_steps']}",
+        "config", "step ms (median)", "spread ms", result["unit"], "peak MiB", f"mean loss, steps {max(1, result['loss_steps'] - FINAL_LOSS_STEPS + 1)}-{result['loss_steps']}",
         "vs eager", "vs compile",
     ])
     for c in result["configs"]:
@@ -120,7 +121,7 @@ def model_section(result: dict) -> str:
     header = (
         f"### {result['model']}\n\nbatch {result['batch']}; {result['steps']} timed steps x {result['rounds']} "
         f"rounds (configurations interleaved); step time = median over rounds of each round's median, spread = "
-        f"min-max of the round medians; loss after {result['loss_steps']} steps, same seed and batches."
+        f"min-max of the round medians; loss = mean of the last {FINAL_LOSS_STEPS} of {result['loss_steps']} steps, same seed and batches."
     )
     failures = "\n".join(f"- `{name}` failed: {error}" for name, error in result["failed"].items())
     parts = [header, "\n".join(_surgery_lines(result)), _results_table(result), failures,
