@@ -29,11 +29,15 @@ def do_bench_median(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int =
 @contextlib.contextmanager
 def eager_launch(mode: str) -> Iterator[None]:
     """Run the block with ``slipstream.config.eager_launch = mode`` (``"cached"`` or ``"triton"``)."""
-    before, config.eager_launch = config.eager_launch, mode
+    before = getattr(config, "eager_launch", None)  # None: an older slipstream without the setting
+    config.eager_launch = mode
     try:
         yield
     finally:
-        config.eager_launch = before
+        if before is None:
+            del config.eager_launch
+        else:
+            config.eager_launch = before
 
 
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:

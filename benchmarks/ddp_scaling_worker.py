@@ -42,7 +42,7 @@ PRECISION = "amp_bf16"
 
 # The LayerNorm method of "methods on". Low Precision LayerNorm by default: in the end-to-end
 # benchmark's GPT-2 run (docs/results/end_to_end_lm.md, H100) it was the faster of the two (0.78x
-# vs 0.70x of eager alone), and Fused LayerNorm + LowMemoryDropout ended at an anomalous loss there.
+# vs 0.70x of eager alone).
 NORMS = {"fused": FusedLayerNorm, "low_precision": LowPrecisionLayerNorm}
 DEFAULT_NORM = "low_precision"
 
