@@ -58,3 +58,23 @@ def test_numbers_are_sane(gpt2_result):
     text = (out / "e2e.md").read_text()
     assert "### gpt2" in text and "| eager |" in text and "all methods vs eager" in text
     assert (out / "e2e.json").stat().st_size > 0
+
+
+def test_triton_launch_configuration_runs_all_with_triton_launches():
+    benchmark = _load_benchmark()
+    configs = benchmark._configs(["eager", "all", "all-triton-launch"], ["fused_layernorm", "low_memory_dropout"])
+    assert [(c.name, c.methods, c.eager_launch) for c in configs] == [
+        ("eager", (), "cached"),
+        ("all", ("fused_layernorm", "low_memory_dropout"), "cached"),
+        ("all, Triton launch", ("fused_layernorm", "low_memory_dropout"), "triton"),
+    ]
+
+
+def test_final_loss_averages_the_last_steps():
+    import torch
+
+    from benchmarks.end_to_end_training import FINAL_LOSS_STEPS, Trainee
+
+    trainee = Trainee.__new__(Trainee)  # only its losses matter here
+    trainee.losses = [torch.tensor(v) for v in [9.0] * 3 + [6.0] * (FINAL_LOSS_STEPS - 1) + [18.0]]
+    assert trainee.final_loss() == pytest.approx((6.0 * (FINAL_LOSS_STEPS - 1) + 18.0) / FINAL_LOSS_STEPS)
