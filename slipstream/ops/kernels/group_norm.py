@@ -427,9 +427,14 @@ def _ncs_strides(t: torch.Tensor) -> Optional[tuple[int, int, int]]:
     return t.stride(0), t.stride(1), spatial[-1][1] if spatial else 1
 
 
-def _flattenable(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when its spatial dims flatten to one stride, else one contiguous copy."""
-    return t if _ncs_strides(t) is not None else t.contiguous()
+def _flattened(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """``(t, its (N, C, S) strides)``: ``t`` itself when its spatial dims flatten to one stride, else a
+    contiguous copy. The strides are computed once per call (each computation is host time)."""
+    strides = _ncs_strides(t)
+    if strides is None:
+        t = t.contiguous()
+        strides = _ncs_strides(t)
+    return t, strides
 
 
 class _Plan(NamedTuple):
@@ -444,10 +449,10 @@ class _Plan(NamedTuple):
     last_combines: bool  # fused sets: the last program to arrive combines the partials
 
 
-def _plan(x: torch.Tensor, num_groups: int, tile: int) -> _Plan:
+def _plan(x: torch.Tensor, x_strides: tuple[int, int, int], num_groups: int, tile: int) -> _Plan:
     n, c = x.shape[:2]
     s = x.numel() // (n * c)
-    _, sxc, sxs = _ncs_strides(x)
+    _, sxc, sxs = x_strides
     # the interpreter runs programs one at a time, so its programs can never wait at a barrier
     max_per_set = 0 if interpreting() else _max_fused_set(x.device.index or 0)
     return _cached_plan(n, c, s, sxc < sxs and c > 1 and s > 1, x.element_size(), num_groups, tile, max_per_set,
@@ -514,14 +519,15 @@ def forward(
     ``y`` has ``x``'s shape and memory layout and dtype ``out_dtype``. ``tile`` bounds the elements per
     program (tests shrink it to exercise multi-program sets on small inputs).
     """
-    x = _flattenable(x)
+    x, x_strides = _flattened(x)
     n, c = x.shape[:2]
     s = x.numel() // (n * c)
     cg = c // num_groups
     y = torch.empty_like(x, dtype=out_dtype)
+    y_strides = _ncs_strides(y)
     mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    plan = _plan(x, num_groups, tile)
+    plan = _plan(x, x_strides, num_groups, tile)
     part, sync = _set_buffers(x, plan)
     t = plan.shape
     for launch, (stats, apply, wait) in enumerate(_phases(plan)):
@@ -530,7 +536,7 @@ def forward(
         launcher(False)(_forward_kernel)[(plan.num_sets * plan.per_set,)](
             x, y, weight if weight is not None else x, bias if bias is not None else x, mean, rstd, part, sync,
             num_groups, s, plan.n_gblocks, plan.n_schunks, plan.per_set, plan.num_sets,
-            *_ncs_strides(x), *_ncs_strides(y), eps,
+            *x_strides, *y_strides, eps,
             CG=cg, GB=t.groups, CB=t.channels, SB=t.positions, KB=_combine_block(plan), CL=plan.channels_last,
             HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
             STATS=stats, APPLY=apply, WAIT=wait, LAST=plan.last_combines, num_warps=plan.num_warps,
@@ -553,13 +559,14 @@ def backward(
 
     ``dweight``/``dbias`` are None when ``weight``/``bias`` is None.
     """
-    x = _flattenable(x)
-    dy = _flattenable(dy)
+    x, x_strides = _flattened(x)
+    dy, dy_strides = _flattened(dy)
     n, c = x.shape[:2]
     s = x.numel() // (n * c)
     cg = c // num_groups
     dx = torch.empty_like(x)
-    plan = _plan(x, num_groups, tile)
+    dx_strides = _ncs_strides(dx)
+    plan = _plan(x, x_strides, num_groups, tile)
     part, sync = _set_buffers(x, plan)
     param_grads = weight is not None or bias is not None
     # per-channel sums of dy' and dy'*xhat for each (sample, position chunk): (2, N, n_schunks, C)
@@ -574,7 +581,7 @@ def backward(
             x, dy, dx, weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
             grads[0], grads[1], part, cpart[0], cpart[1], sync,
             c, num_groups, s, plan.n_gblocks, plan.n_schunks, plan.per_set, plan.num_sets,
-            *_ncs_strides(x), *_ncs_strides(dy), *_ncs_strides(dx),
+            *x_strides, *dy_strides, *dx_strides,
             CG=cg, GB=t.groups, CB=t.channels, SB=t.positions, KB=_combine_block(plan), CL=plan.channels_last,
             HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, PARAM_GRADS=param_grads,
             STATS=stats, APPLY=apply, WAIT=wait, LAST=plan.last_combines, num_warps=plan.num_warps,
