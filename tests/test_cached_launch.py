@@ -42,6 +42,7 @@ class _Kernel:
 
     signature = inspect.signature(_kernel_body)
     arg_names = list(signature.parameters)
+    constexprs = [5, 6]  # BLOCK, MODE
 
     def __init__(self):
         self.log: list = []
@@ -143,6 +144,15 @@ def test_unknown_argument_types_always_take_triton_path(launcher):
     assert launch.cached_signatures() == 0
 
 
+def test_constexpr_passed_by_position_always_takes_triton_path(launcher):
+    kernel, launch = launcher
+    for block in (64, 128):  # same int flags: only the value tells the two kernels apart
+        launch[(1,)](*_args(), block)
+        launch[(1,)](*_args(), block)
+    assert [entry[0] for entry in kernel.log] == ["triton"] * 4
+    assert [entry[2][-1] for entry in kernel.log] == [64, 64, 128, 128]
+
+
 def test_installed_launch_hook_takes_triton_path(launcher):
     kernel, launch = launcher
     launch[(1,)](*_args(), BLOCK=64)
@@ -164,6 +174,7 @@ def test_real_jit_functions_have_what_the_launcher_reads():
 
     jit = JITFunction(body)
     assert jit.arg_names == ["x_ptr", "n", "BLOCK"]
+    assert jit.constexprs == [2]
     assert jit.signature.parameters["BLOCK"].default == 16
     assert hasattr(knobs.runtime.launch_enter_hook, "calls") and hasattr(knobs.runtime.launch_exit_hook, "calls")
 

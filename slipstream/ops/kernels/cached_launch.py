@@ -12,8 +12,11 @@ The signature is at least as fine as Triton's specialization key (checked agains
 1, whether it is divisible by 16 and which integer width holds it; the type of bools, floats and
 None; every keyword (constexprs and launch options such as ``num_warps``) with its value; the
 current CUDA device. Two launches with one signature are therefore served by the same compiled
-kernel Triton itself would pick. Arguments of any other type, and launches while a Triton launch
-hook is installed (profilers), always take Triton's own path.
+kernel Triton itself would pick. Arguments of any other type, constexpr parameters passed by
+position (the signature does not hold their values), and launches while a Triton launch hook is
+installed (profilers) always take Triton's own path. Triton settings changed while the process runs
+(its debug or instrumentation modes) are not part of the signature: set
+``slipstream.config.eager_launch = "triton"`` to have them apply.
 
 Imported only when a kernel is about to run (see ``slipstream.ops._backend``).
 """
@@ -68,6 +71,7 @@ class CachedLauncher:
         self._compiled: dict[Hashable, tuple] = {}
         # Parameters Triton fills from keywords or defaults, by position after the positional ones.
         self._defaults = {name: p.default for name, p in kernel.signature.parameters.items()}
+        self._first_constexpr = min(kernel.constexprs, default=len(kernel.arg_names))
 
     def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
         return functools.partial(self._launch, grid)
@@ -75,6 +79,8 @@ class CachedLauncher:
     def _launch(self, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
         device = torch.cuda.current_device()
         try:
+            if len(args) > self._first_constexpr:  # a constexpr's value would not be in the signature
+                raise _Uncacheable("constexpr passed by position")
             key = (device, tuple(map(_argument_signature, args)), tuple(meta.items()))
         except _Uncacheable:
             self._kernel[grid](*args, **meta)
