@@ -27,17 +27,28 @@ def do_bench_median(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int =
 
 
 @contextlib.contextmanager
-def eager_launch(mode: str) -> Iterator[None]:
-    """Run the block with ``slipstream.config.eager_launch = mode`` (``"cached"`` or ``"triton"``)."""
-    before = getattr(config, "eager_launch", None)  # None: an older slipstream without the setting
-    config.eager_launch = mode
+def slipstream_settings(**settings: str) -> Iterator[None]:
+    """Run the block with the given ``slipstream.config`` settings, restored afterwards.
+
+    A setting this slipstream does not have (an older checkout) is added for the block and removed after.
+    """
+    missing = object()
+    before = {name: getattr(config, name, missing) for name in settings}
+    for name, value in settings.items():
+        setattr(config, name, value)
     try:
         yield
     finally:
-        if before is None:
-            del config.eager_launch
-        else:
-            config.eager_launch = before
+        for name, value in before.items():
+            if value is missing:
+                delattr(config, name)
+            else:
+                setattr(config, name, value)
+
+
+def eager_launch(mode: str) -> contextlib.AbstractContextManager:
+    """Run the block with ``slipstream.config.eager_launch = mode`` (``"cached"`` or ``"triton"``)."""
+    return slipstream_settings(eager_launch=mode)
 
 
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:

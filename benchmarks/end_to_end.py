@@ -9,7 +9,10 @@ trains these configurations, each built fresh from the same seed:
   at run time; applicable = it replaced at least one module of this model);
 * ``all`` applicable methods together, and ``all+compile``;
 * on request, ``all-triton-launch``: ``all`` with ``slipstream.config.eager_launch = "triton"`` (Triton's
-  own launch path instead of slipstream's cached one), to time what the cached launches save.
+  own launch path instead of slipstream's cached one), to time what the cached launches save;
+* on request, ``all+compile-inductor-ln``: ``all+compile`` with
+  ``slipstream.config.compiled_layer_norm = "inductor"`` (LayerNorm traced as PyTorch math that
+  Inductor fuses with its neighbours, instead of slipstream's kernels).
 
 Configurations are interleaved: each round runs every configuration once (a few untimed steps, then
 ``--steps`` timed ones); step time is the median over rounds of each round's median, with the min-max
@@ -45,7 +48,8 @@ from benchmarks.end_to_end_training import (
     Config, MethodFn, Trainee, batch_pool, discover_methods, dropout_mask_bytes, free_device_memory,
 )
 
-CONFIG_KINDS = ("eager", "compile", "methods", "all", "all+compile", "all-triton-launch")
+CONFIG_KINDS = ("eager", "compile", "methods", "all", "all+compile", "all-triton-launch", "all+compile-inductor-ln")
+DEFAULT_CONFIG_KINDS = CONFIG_KINDS[:5]  # the last ones run on request
 
 
 def _csv(allowed: Sequence[str], argument: str):
@@ -63,7 +67,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=_csv(model_names(), "--models"), default=model_names())
-    parser.add_argument("--configs", type=_csv(CONFIG_KINDS, "--configs"), default=list(CONFIG_KINDS))
+    parser.add_argument("--configs", type=_csv(CONFIG_KINDS, "--configs"), default=list(DEFAULT_CONFIG_KINDS))
     parser.add_argument("--methods", type=lambda s: [t for t in s.split(",") if t], default=None,
                         help="method names (without apply_) to use, in the order 'all' applies them; "
                              "default: every apply_* in slipstream.functional")
@@ -114,6 +118,9 @@ def _configs(kinds: Sequence[str], applicable: list[str]) -> list[Config]:
                     for kind in ("all", "all+compile") if kind in kinds]
         if "all-triton-launch" in kinds:
             configs.append(Config("all, Triton launch", tuple(applicable), False, eager_launch="triton"))
+        if "all+compile-inductor-ln" in kinds:
+            configs.append(Config("all+compile, Inductor LayerNorm", tuple(applicable), True,
+                                  compiled_layer_norm="inductor"))
     return configs
 
 

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from benchmarks.common import eager_launch
+from benchmarks.common import slipstream_settings
 from benchmarks.end_to_end_models import BATCHES_IN_POOL, Batch, ModelSpec
 from slipstream.surgery import SurgeryWarning
 
@@ -127,6 +127,7 @@ class Config:
     methods: tuple[str, ...]
     compiled: bool
     eager_launch: str = "cached"  # slipstream.config.eager_launch during its steps
+    compiled_layer_norm: str = "kernel"  # slipstream.config.compiled_layer_norm during its steps
 
 
 class LossModule(nn.Module):
@@ -252,7 +253,8 @@ class Trainee:
     def step(self) -> torch.Tensor:
         """One training step: forward and loss under bf16 autocast, backward, fused AdamW."""
         batch = self.batches[self.steps_done % len(self.batches)]
-        with eager_launch(self.config.eager_launch):
+        with slipstream_settings(eager_launch=self.config.eager_launch,
+                                 compiled_layer_norm=self.config.compiled_layer_norm):
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 loss = self.module(batch)
             loss.backward()

@@ -78,3 +78,25 @@ def test_final_loss_averages_the_last_steps():
     trainee = Trainee.__new__(Trainee)  # only its losses matter here
     trainee.losses = [torch.tensor(v) for v in [9.0] * 3 + [6.0] * (FINAL_LOSS_STEPS - 1) + [18.0]]
     assert trainee.final_loss() == pytest.approx((6.0 * (FINAL_LOSS_STEPS - 1) + 18.0) / FINAL_LOSS_STEPS)
+
+
+def test_inductor_layer_norm_configuration_compiles_all_with_the_inductor_setting():
+    benchmark = _load_benchmark()
+    configs = benchmark._configs(["all+compile", "all+compile-inductor-ln"], ["fused_layernorm"])
+    assert [(c.name, c.compiled, c.compiled_layer_norm) for c in configs] == [
+        ("all+compile", True, "kernel"),
+        ("all+compile, Inductor LayerNorm", True, "inductor"),
+    ]
+
+
+def test_slipstream_settings_apply_inside_the_block_and_are_restored():
+    from benchmarks.common import slipstream_settings
+    from slipstream import config
+
+    before = config.compiled_layer_norm, config.eager_launch
+    with slipstream_settings(compiled_layer_norm="inductor", eager_launch="triton"):
+        assert (config.compiled_layer_norm, config.eager_launch) == ("inductor", "triton")
+    assert (config.compiled_layer_norm, config.eager_launch) == before
+    with slipstream_settings(not_a_setting_yet="x"):
+        assert config.not_a_setting_yet == "x"
+    assert not hasattr(config, "not_a_setting_yet")
