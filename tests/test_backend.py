@@ -29,3 +29,17 @@ def test_pytorch_fallback_is_left_on_error():
     except RuntimeError:
         pass
     assert use_triton(torch.ones(1)) == (triton_available() and interpreting())
+
+
+def test_triton_available_traces_without_graph_breaks_or_warnings():
+    import warnings
+
+    def double_if_triton(x):
+        return x * 2 if triton_available() else x
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        explained = torch._dynamo.explain(double_if_triton)(torch.ones(3))
+    assert explained.graph_break_count == 0
+    assert not [w for w in caught if "lru_cache" in str(w.message)]

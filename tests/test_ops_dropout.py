@@ -227,6 +227,21 @@ def test_kernel_64_bit_indexing_path_matches_reference(int64):
     assert torch.equal(out, seeded_dropout_rows_reference(x, 0.4, seeds))
 
 
+@needs_kernel
+def test_kernel_launch_plan_is_cached_per_shape():
+    """A second launch with the same sizes and strides looks its plan up, and writes the same values."""
+    from slipstream.ops.kernels import dropout as kernels
+
+    x = torch.randn(23, 77)
+    seeds = torch.randint(-(2**63), 2**63 - 1, (23,))
+    outs = [torch.full_like(x, float("nan")) for _ in range(2)]
+    kernels.launch_seeded_dropout(x, outs[0], keep_threshold(0.3), 1 / 0.7, seeds=seeds)
+    hits = kernels._plan.cache_info().hits
+    kernels.launch_seeded_dropout(x, outs[1], keep_threshold(0.3), 1 / 0.7, seeds=seeds)
+    assert kernels._plan.cache_info().hits == hits + 1
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], seeded_dropout_rows_reference(x, 0.3, seeds))
+
+
 # ----- bad input ------------------------------------------------------------------------------------
 
 

@@ -152,6 +152,27 @@ def test_kernel_paths_with_small_tilings():
             assert rel_err(out, expected) < 1e-5
 
 
+@pytest.mark.skipif(not use_triton(torch.empty(0)), reason="kernels run on CUDA or under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("tiling", [None, (1, 32, 4, 1)])  # default tilings; the looped and column-tiled paths
+def test_kernel_launch_plans_are_cached_per_shape(tiling):
+    """Second launches with the same shapes look their plans up, and give the same bits."""
+    from slipstream.ops.kernels import layer_norm as kernels
+
+    tiling = kernels.Tiling(*tiling) if tiling else None
+    x, w, b, dy = (t.detach() for t in random_case((9, 100), (100,), torch.float32))
+    plans = (kernels._forward_plan, kernels._backward_plan)
+
+    def run():
+        y, stats = kernels.forward(x, w, b, 1e-5, torch.float32, tiling)
+        return (y, stats, *kernels.backward(dy, x, w, stats, b.dtype, tiling))
+
+    first = run()
+    hits = [plan.cache_info().hits for plan in plans]
+    second = run()
+    assert [plan.cache_info().hits for plan in plans] == [h + 1 for h in hits]
+    assert all(torch.equal(a, c) for a, c in zip(first, second))
+
+
 def test_backward_is_deterministic():
     x, w, b, dy = random_case((40, 96), (96,), torch.float32)
     first = torch.autograd.grad(layer_norm(x, (96,), w, b), (x, w, b), dy)

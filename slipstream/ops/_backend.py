@@ -8,7 +8,6 @@ is set: that is how CI checks the kernels on a machine with no GPU.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 from typing import Iterator
@@ -18,12 +17,16 @@ import torch
 __all__ = ["triton_available", "interpreting", "use_triton", "pytorch_fallback"]
 
 _fallback_depth = 0  # > 0 inside pytorch_fallback()
+# Looked up once, at import (without importing Triton). A module constant, not a cached function:
+# Dynamo ignores an lru_cache wrapper and traces into ``find_spec``. On the H200 (torch 2.11)
+# resnet50_gn with LPGroupNorm, which checks this in forward, compiled with 32 graph breaks and a
+# Dynamo warning at that check.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
 
 
-@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     """True when the ``triton`` package can be imported."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
 
 
 def interpreting() -> bool:

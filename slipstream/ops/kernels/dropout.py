@@ -13,7 +13,8 @@ traces call it too (``traceable=True``: the launch goes through ``wrap_triton``)
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -119,6 +120,61 @@ def _matrix(t: torch.Tensor, one_row: bool) -> tuple[int, int, int, int]:
     return n_rows, n_cols, (t.stride(0) if n_rows > 1 else 0), t.stride(1)
 
 
+class _Plan(NamedTuple):
+    """What a launch of the kernel needs besides its tensors and scalars: grid, tile, indexing, warps."""
+
+    grid: tuple[int]
+    col_blocks: int
+    int64: bool
+    block_rows: int
+    block_groups: int
+    num_warps: int
+
+
+@functools.lru_cache(maxsize=1024)  # bounded: varying batch or sequence sizes each add a plan
+def _plan(
+    n_rows: int,
+    n_cols: int,
+    x_stride_r: int,
+    x_stride_c: int,
+    out_stride_r: int,
+    out_stride_c: int,
+    seeds_stride: int,
+    int64: Optional[bool],
+    block_elements: int,
+    num_warps: Optional[int],
+) -> _Plan:
+    """The launch plan of :func:`launch_seeded_dropout` for these sizes and strides (``seeds_stride``: 0 without seeds).
+
+    ``int64``, ``block_elements`` and ``num_warps`` as given to :func:`launch_seeded_dropout`.
+    """
+    block_rows, block_groups = _tile(n_rows, n_cols, x_stride_r == 1 and x_stride_c != 1, block_elements)
+    col_blocks = cdiv(n_cols, block_groups * _LANES)
+    row_blocks = cdiv(n_rows, block_rows)
+    if int64 is None:
+        # Masked lanes of the last tiles still compute offsets: count the padded grid.
+        rows, cols = row_blocks * block_rows, col_blocks * block_groups * _LANES
+        seeds_reach = (rows - 1) * seeds_stride  # 0 without seeds
+        reach = max(_reach(x_stride_r, x_stride_c, rows, cols), _reach(out_stride_r, out_stride_c, rows, cols))
+        int64 = max(cols, seeds_reach, reach) >= 2**31
+    num_warps = num_warps or max(1, min(8, block_rows * block_groups * _LANES // (32 * _ELEMENTS_PER_THREAD)))
+    return _Plan((row_blocks * col_blocks,), col_blocks, int64, block_rows, block_groups, num_warps)
+
+
+# A key's sizes and strides are all ints, unless torch.compile is tracing (then some may be SymInts).
+_INT = frozenset({int})
+
+
+def _plan_of(sizes: tuple[int, ...], int64: Optional[bool], block_elements: int, num_warps: Optional[int]) -> _Plan:
+    """``_plan(*sizes, int64, block_elements, num_warps)``: a cache lookup unless some of ``sizes`` is symbolic.
+
+    ``sizes`` are :func:`_plan`'s sizes and strides. A plan of SymInts (torch.compile tracing) is
+    computed every time: it belongs to one trace, and SymInts cannot be cache keys.
+    """
+    plan = _plan if _INT.issuperset(map(type, sizes)) else _plan.__wrapped__
+    return plan(*sizes, int64, block_elements, num_warps)
+
+
 def launch_seeded_dropout(
     x: torch.Tensor,
     out: torch.Tensor,
@@ -147,17 +203,11 @@ def launch_seeded_dropout(
         return
     n_rows, n_cols, x_stride_r, x_stride_c = _matrix(x, one_row)
     _, _, out_stride_r, out_stride_c = _matrix(out, one_row)
-    block_rows, block_groups = _tile(n_rows, n_cols, x_stride_r == 1 and x_stride_c != 1, block_elements)
-    col_blocks = cdiv(n_cols, block_groups * _LANES)
-    row_blocks = cdiv(n_rows, block_rows)
-    if int64 is None:
-        # Masked lanes of the last tiles still compute offsets: count the padded grid.
-        rows, cols = row_blocks * block_rows, col_blocks * block_groups * _LANES
-        seeds_reach = 0 if seeds is None else (rows - 1) * seeds.stride(0)
-        reach = max(_reach(x_stride_r, x_stride_c, rows, cols), _reach(out_stride_r, out_stride_c, rows, cols))
-        int64 = max(cols, seeds_reach, reach) >= 2**31
     per_row = seeds is not None
-    launcher(traceable)(_seeded_dropout_kernel)[(row_blocks * col_blocks,)](
+    seeds_stride = seeds.stride(0) if per_row else 0
+    sizes = (n_rows, n_cols, x_stride_r, x_stride_c, out_stride_r, out_stride_c, seeds_stride)
+    grid, col_blocks, int64, block_rows, block_groups, num_warps = _plan_of(sizes, int64, block_elements, num_warps)
+    launcher(traceable)(_seeded_dropout_kernel)[grid](
         x,
         out,
         seeds if per_row else x,
@@ -168,7 +218,7 @@ def launch_seeded_dropout(
         x_stride_c,
         out_stride_r,
         out_stride_c,
-        seeds.stride(0) if per_row else 0,
+        seeds_stride,
         threshold,
         scale,
         col_blocks,
@@ -176,5 +226,5 @@ def launch_seeded_dropout(
         INT64=int64,
         BLOCK_ROWS=block_rows,
         BLOCK_GROUPS=block_groups,
-        num_warps=num_warps or max(1, min(8, block_rows * block_groups * _LANES // (32 * _ELEMENTS_PER_THREAD))),
+        num_warps=num_warps,
     )

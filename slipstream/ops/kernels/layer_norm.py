@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, NamedTuple, Optional, TypeVar
 
 import torch
 import triton
@@ -137,6 +137,23 @@ def _programs(tiling: Tiling, blocks: int, device: torch.device) -> int:
     if tiling.programs_per_sm == 0:
         return blocks
     return min(blocks, _multiprocessors(device) * tiling.programs_per_sm)
+
+
+# Launch plans kept per launcher: bounded, as varying batch or sequence sizes each add one.
+_PLANS = 1024
+_Plan = TypeVar("_Plan")
+
+
+def _plan_of(plan: functools._lru_cache_wrapper[_Plan], m: int, n: int, *rest: object) -> _Plan:
+    """``plan(m, n, *rest)`` for a memoized ``plan``: a cache lookup unless ``m`` or ``n`` is symbolic.
+
+    Rows and row widths are SymInts while torch.compile traces (the rest of a plan's key is plain by
+    construction). A plan of SymInts is computed every time: it belongs to one trace, and SymInts
+    cannot be cache keys.
+    """
+    if type(m) is int and type(n) is int:
+        return plan(m, n, *rest)
+    return plan.__wrapped__(m, n, *rest)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,6 +271,29 @@ def _matrix(t: torch.Tensor) -> tuple[int, int, int]:
     return t.numel() // n, n, (n if t.is_contiguous() else t.stride(0))
 
 
+class _ForwardPlan(NamedTuple):
+    """Which forward kernel to launch, on what grid, with which constexprs and launch options."""
+
+    kernel: triton.JITFunction
+    grid: tuple[int]
+    meta: dict[str, Any]  # shared by every launch with this plan: only ever spread with **
+
+
+@functools.lru_cache(maxsize=_PLANS)
+def _forward_plan(
+    m: int, n: int, element_size: int, has_weight: bool, has_bias: bool, tiling: Optional[Tiling],
+    device: torch.device,
+) -> _ForwardPlan:
+    """The launch plan of :func:`forward` for ``m`` rows of ``n`` elements (``tiling`` as given to it)."""
+    tiling = tiling or default_tiling("forward", n, element_size)
+    flags = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, num_warps=tiling.num_warps)
+    if tiling.block_n >= n:
+        grid = (_programs(tiling, cdiv(m, tiling.block_m), device),)
+        meta = dict(BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, PREFETCH=tiling.prefetch, **flags)
+        return _ForwardPlan(_forward_rows_kernel, grid, meta)
+    return _ForwardPlan(_forward_looped_kernel, (m,), dict(BLOCK_N=tiling.block_n, **flags))
+
+
 def forward(
     x: torch.Tensor,
     weight: Optional[torch.Tensor],
@@ -277,23 +317,13 @@ def forward(
         >>> y, stats = forward(x, None, None, 1e-5, torch.bfloat16)
     """
     m, n, row_stride = _matrix(x)
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    stats = torch.empty((2, m), dtype=torch.float32, device=x.device)
-    tiling = tiling or default_tiling("forward", n, x.element_size())
-    launch = launcher(traceable)
-    flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, num_warps=tiling.num_warps)
+    device = x.device
+    y = torch.empty(x.shape, dtype=out_dtype, device=device)
+    stats = torch.empty((2, m), dtype=torch.float32, device=device)
+    plan = _plan_of(_forward_plan, m, n, x.element_size(), weight is not None, bias is not None, tiling, device)
     w = x if weight is None else weight  # a placeholder pointer when absent: never read
     b = x if bias is None else bias
-    if tiling.block_n >= n:
-        grid = (_programs(tiling, cdiv(m, tiling.block_m), x.device),)
-        launch(_forward_rows_kernel)[grid](
-            x, y, w, b, stats, m, n, row_stride, eps,
-            BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, PREFETCH=tiling.prefetch, **flags,
-        )
-    else:
-        launch(_forward_looped_kernel)[(m,)](
-            x, y, w, b, stats, m, n, row_stride, eps, BLOCK_N=tiling.block_n, **flags
-        )
+    launcher(traceable)(plan.kernel)[plan.grid](x, y, w, b, stats, m, n, row_stride, eps, **plan.meta)
     return y, stats
 
 
@@ -437,6 +467,33 @@ def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+class _BackwardPlan(NamedTuple):
+    """How :func:`backward` launches: the path, its programs' partial sums, the dx kernel's grid and meta."""
+
+    column_tiled: bool  # wide rows: a row-means kernel, then the column-tiled kernel
+    n_partials: int
+    grid: tuple[int, ...]
+    meta: dict[str, Any]  # shared by every launch with this plan: only ever spread with **
+
+
+@functools.lru_cache(maxsize=_PLANS)
+def _backward_plan(
+    m: int, n: int, element_size: int, has_weight: bool, has_bias: bool, tiling: Optional[Tiling],
+    device: torch.device,
+) -> _BackwardPlan:
+    """The launch plan of :func:`backward` for ``m`` rows of ``n`` elements (``tiling`` as given to it)."""
+    tiling = tiling or default_tiling("backward", n, element_size)
+    meta = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
+                PREFETCH=tiling.prefetch, num_warps=tiling.num_warps)
+    row_blocks = cdiv(m, tiling.block_m)
+    if tiling.block_n >= n:
+        n_partials = _programs(tiling, row_blocks, device)
+        return _BackwardPlan(False, n_partials, (n_partials,), meta)
+    col_blocks = cdiv(n, tiling.block_n)
+    n_partials = cdiv(_programs(tiling, col_blocks * row_blocks, device), col_blocks)
+    return _BackwardPlan(True, n_partials, (col_blocks, n_partials), meta)
+
+
 def backward(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -463,31 +520,26 @@ def backward(
     m, n, stride_x = _matrix(x)
     stride_dy = _matrix(dy)[2]
     device = x.device
-    tiling = tiling or default_tiling("backward", n, x.element_size())
     launch = launcher(traceable)
     dx = torch.empty(x.shape, dtype=x.dtype, device=device)
     has_weight, has_bias = weight is not None, bias_dtype is not None
-    flags = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
-                 PREFETCH=tiling.prefetch, num_warps=tiling.num_warps)
+    plan = _plan_of(_backward_plan, m, n, x.element_size(), has_weight, has_bias, tiling, device)
     w = x if weight is None else weight  # a placeholder pointer when absent: never read
     sums = int(has_weight) + int(has_bias)  # rows of per-program partial sums: dW's, then dB's
-    if tiling.block_n >= n:
-        n_partials = _programs(tiling, cdiv(m, tiling.block_m), device)
-        partials = torch.empty((sums, n_partials, n), dtype=torch.float32, device=device)
-        launch(_backward_rows_kernel)[(n_partials,)](
-            dy, x, w, stats, dx, partials, m, n, stride_dy, stride_x, **flags
+    if not plan.column_tiled:
+        partials = torch.empty((sums, plan.n_partials, n), dtype=torch.float32, device=device)
+        launch(_backward_rows_kernel)[plan.grid](
+            dy, x, w, stats, dx, partials, m, n, stride_dy, stride_x, **plan.meta
         )
     else:
-        col_blocks = cdiv(n, tiling.block_n)
-        n_partials = cdiv(_programs(tiling, col_blocks * cdiv(m, tiling.block_m), device), col_blocks)
         row_means = torch.empty((2, m), dtype=torch.float32, device=device)  # mean(g * xhat), mean(g)
         launch(_backward_row_means_kernel)[(m,)](
             dy, x, w, stats, row_means, m, n, stride_dy, stride_x,
             HAS_WEIGHT=has_weight, BLOCK_N=4096, num_warps=8,
         )
-        partials = torch.empty((sums, n_partials, n), dtype=torch.float32, device=device)
-        launch(_backward_columns_kernel)[(col_blocks, n_partials)](
-            dy, x, w, stats, row_means, dx, partials, m, n, stride_dy, stride_x, **flags,
+        partials = torch.empty((sums, plan.n_partials, n), dtype=torch.float32, device=device)
+        launch(_backward_columns_kernel)[plan.grid](
+            dy, x, w, stats, row_means, dx, partials, m, n, stride_dy, stride_x, **plan.meta,
         )
     if not sums:
         return dx, None, None
