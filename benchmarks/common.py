@@ -27,11 +27,13 @@ def do_bench_median(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int =
 
 
 @contextlib.contextmanager
-def slipstream_settings(**settings: str) -> Iterator[None]:
+def slipstream_settings(**settings: Optional[str]) -> Iterator[None]:
     """Run the block with the given ``slipstream.config`` settings, restored afterwards.
 
-    A setting this slipstream does not have (an older checkout) is added for the block and removed after.
+    A setting given as None is left as it is. A setting this slipstream does not have (an older
+    checkout) is added for the block and removed after.
     """
+    settings = {name: value for name, value in settings.items() if value is not None}
     missing = object()
     before = {name: getattr(config, name, missing) for name in settings}
     for name, value in settings.items():

@@ -19,12 +19,11 @@ Run: ``PYTHONPATH=. python benchmarks/compile_overhead.py [--out compile_overhea
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import logging
 import statistics
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,7 @@ from torch import nn
 
 import slipstream.config
 import slipstream.functional as sf
-from benchmarks.common import Table, command_line, environment_line, write_section
+from benchmarks.common import Table, command_line, environment_line, slipstream_settings, write_section
 from slipstream.ops import layer_norm, seeded_dropout, seeded_dropout_rows
 
 WIDTH, HIDDEN, BLOCKS, BATCH, TOKENS = 768, 3072, 12, 8, 512
@@ -130,22 +129,11 @@ def time_stack(table: Table, steps: int) -> None:
              for path in ("inductor", "kernel")]
     for mode, name, model, layer_norm_path in runs:
         torch._dynamo.reset()
-        with _compiled_layer_norm(layer_norm_path or slipstream.config.compiled_layer_norm):
+        with slipstream_settings(compiled_layer_norm=layer_norm_path or slipstream.config.compiled_layer_norm):
             run = model if mode == "eager" else torch.compile(model)
             first, device_ms, host_ms = _time_steps(run, x, steps)
         table.add(mode, name, first, device_ms, host_ms)
         print(table.rows[-1], flush=True)
-
-
-@contextlib.contextmanager
-def _compiled_layer_norm(path: str) -> Iterator[None]:
-    """Trace slipstream's LayerNorm as ``path`` ('inductor' or 'kernel') inside the block."""
-    saved = slipstream.config.compiled_layer_norm
-    slipstream.config.compiled_layer_norm = path
-    try:
-        yield
-    finally:
-        slipstream.config.compiled_layer_norm = saved
 
 
 def main() -> None:
@@ -157,7 +145,7 @@ def main() -> None:
     logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").addHandler(warnings)
 
     checks = Table(["ops", "shape", "compiled == eager (bits)", "max abs diff"])
-    with _compiled_layer_norm("kernel"):  # the triton_op path: the same kernels as eager, so the same bits
+    with slipstream_settings(compiled_layer_norm="kernel"):  # the triton_op path: the same kernels as eager, so the same bits
         check_compiled_equals_eager(checks)
     print(checks.markdown(), flush=True)
     timings = Table(["mode", "norms + dropouts", "first step (s)", "step (ms, CUDA events)", "host enqueue (ms)"])

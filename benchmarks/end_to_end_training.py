@@ -127,7 +127,7 @@ class Config:
     methods: tuple[str, ...]
     compiled: bool
     eager_launch: str = "cached"  # slipstream.config.eager_launch during its steps
-    compiled_layer_norm: str = "kernel"  # slipstream.config.compiled_layer_norm during its steps
+    compiled_layer_norm: Optional[str] = None  # slipstream.config.compiled_layer_norm during its steps; None: as set
 
 
 class LossModule(nn.Module):

@@ -3,16 +3,19 @@
 Example:
     >>> import slipstream.config
     >>> slipstream.config.compiled_layer_norm
-    'kernel'
+    'inductor'
 """
 
 #: What ``torch.compile`` traces for :func:`slipstream.ops.layer_norm` (FusedLayerNorm, and
-#: LPLayerNorm on CUDA). ``"kernel"`` (default): slipstream's ``triton_op`` s, whose Triton kernels
-#: Inductor launches as they are. ``"inductor"``: the same math as plain PyTorch ops (fp32
-#: statistics, input and output in their own dtypes), which Inductor may fuse with the neighbouring
-#: ops. On the H200 machine (host-bound steps) "kernel" measured faster, 17.5 against 19.1 ms for a
-#: 12-block stack (docs/benchmarks.md, compile overhead), so it is the default.
-compiled_layer_norm = "kernel"
+#: LPLayerNorm on CUDA). ``"inductor"`` (default): the same math as plain PyTorch ops (fp32
+#: statistics, input and output in their own dtypes), which Inductor fuses with the neighbouring
+#: ops. ``"kernel"``: slipstream's ``triton_op`` s, whose Triton kernels Inductor launches as they
+#: are (the eager kernels' exact bits). In whole models on the H200 machine, whose steps are
+#: host-bound, "inductor" launched fewer kernels and took less host time: GPT-2 small all methods +
+#: compile 21.1 against 25.3 ms a step (profiled host time 45.6 against 57.1 ms), BERT-base 30.1
+#: against 28.4 ms (inside the spread; profiled host time 42.5 against 47.5 ms); see
+#: docs/benchmarks.md, H200 session 3. A 12-block stack alone had favoured "kernel" (17.5 against 19.1 ms).
+compiled_layer_norm = "inductor"
 
 #: How eager mode launches slipstream's Triton kernels. ``"cached"`` (default): through
 #: :class:`slipstream.ops.kernels.cached_launch.CachedLauncher`, which lets Triton bind and

@@ -80,12 +80,14 @@ def test_final_loss_averages_the_last_steps():
     assert trainee.final_loss() == pytest.approx((6.0 * (FINAL_LOSS_STEPS - 1) + 18.0) / FINAL_LOSS_STEPS)
 
 
-def test_inductor_layer_norm_configuration_compiles_all_with_the_inductor_setting():
+def test_layer_norm_path_configurations_compile_all_with_each_setting():
     benchmark = _load_benchmark()
-    configs = benchmark._configs(["all+compile", "all+compile-inductor-ln"], ["fused_layernorm"])
+    kinds = ["all+compile", "all+compile-kernel-ln", "all+compile-inductor-ln"]
+    configs = benchmark._configs(kinds, ["fused_layernorm"])
     assert [(c.name, c.compiled, c.compiled_layer_norm) for c in configs] == [
-        ("all+compile", True, "kernel"),
-        ("all+compile, Inductor LayerNorm", True, "inductor"),
+        ("all+compile", True, None),
+        ("all+compile, kernel LayerNorm", True, "kernel"),
+        ("all+compile, inductor LayerNorm", True, "inductor"),
     ]
 
 
@@ -97,6 +99,8 @@ def test_slipstream_settings_apply_inside_the_block_and_are_restored():
     with slipstream_settings(compiled_layer_norm="inductor", eager_launch="triton"):
         assert (config.compiled_layer_norm, config.eager_launch) == ("inductor", "triton")
     assert (config.compiled_layer_norm, config.eager_launch) == before
+    with slipstream_settings(compiled_layer_norm=None):
+        assert config.compiled_layer_norm == before[0]
     with slipstream_settings(not_a_setting_yet="x"):
         assert config.not_a_setting_yet == "x"
     assert not hasattr(config, "not_a_setting_yet")

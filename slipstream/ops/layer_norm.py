@@ -1,14 +1,15 @@
 """LayerNorm as ``torch.library`` ops: Triton kernels on CUDA, a pure-PyTorch fallback elsewhere.
 
-:func:`layer_norm` is the public op. Under ``torch.compile`` it traces, by default, as two
-``triton_op`` s, ``slipstream::layer_norm_fwd`` and ``slipstream::layer_norm_bwd``, with a
-registered autograd formula (or, with :data:`slipstream.config.compiled_layer_norm` set to
-``"inductor"``, as the same math in PyTorch ops for Inductor to fuse). The compiler traces the
-ops' bodies (shape logic, allocations, ``wrap_triton`` launches, see
+:func:`layer_norm` is the public op. Under ``torch.compile`` it traces, by default
+(:data:`slipstream.config.compiled_layer_norm` ``= "inductor"``), as the same math in PyTorch ops,
+which Inductor fuses with the neighbouring ops (whole models launched fewer kernels and spent less
+host time that way). With the setting ``"kernel"`` it traces as two ``triton_op`` s,
+``slipstream::layer_norm_fwd`` and ``slipstream::layer_norm_bwd``, with a registered autograd
+formula: the compiler traces the ops' bodies (shape logic, allocations, ``wrap_triton`` launches, see
 :mod:`slipstream.ops._triton_op`), so models that use them trace without graph breaks and the
-compiled code launches the kernels itself, with no Python of ours per call. In eager mode the same
+compiled code launches our kernels itself, with no Python of ours per call. In eager mode the same
 two functions run through a plain ``autograd.Function`` with direct launches (less CPU time per
-call), so the op's compiled and eager numerics are identical. Both call the kernels of
+call), so with ``"kernel"`` the op's compiled and eager numerics are identical. Both call the kernels of
 :mod:`slipstream.ops.kernels.layer_norm` when :func:`~slipstream.ops._backend.use_triton` says so,
 and :func:`layer_norm_forward_reference` / :func:`layer_norm_backward_reference` otherwise (also when
 compiling CPU code under Triton's interpreter, whose kernels cannot be traced).
