@@ -177,6 +177,8 @@ def _backward_op(
     silu: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     dx, dweight, dbias = _backward_impl(dy, x, weight, bias, mean, rstd, num_groups, silu)
+    if dweight is not None and dbias is not None:
+        dbias = dbias.clone()  # the kernels' dweight and dbias may be views of one buffer; op outputs may not alias
     return dx, _or_empty(dweight, x), _or_empty(dbias, x)
 
 

@@ -573,13 +573,15 @@ def backward(
     cpart = torch.empty((2, n, plan.n_schunks, c) if param_grads else (2, 1), device=x.device, dtype=torch.float32)
     # per-group means of w*dy' and w*dy'*xhat, where a set's programs exchange them through memory
     grads = torch.empty((2, n, num_groups), device=x.device, dtype=torch.float32)
+    grads_g, grads_gx = grads.unbind()  # one view op for both halves (each costs host time)
+    cpart_dy, cpart_dyx = cpart.unbind()
     t = plan.shape
     for launch, (stats, apply, wait) in enumerate(_phases(plan)):
         if launch == 1:
-            _combine(part, grads[0], grads[1], plan, num_groups, cg, s, 0.0, forward=False)
+            _combine(part, grads_g, grads_gx, plan, num_groups, cg, s, 0.0, forward=False)
         launcher(False)(_backward_kernel)[(plan.num_sets * plan.per_set,)](
             x, dy, dx, weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
-            grads[0], grads[1], part, cpart[0], cpart[1], sync,
+            grads_g, grads_gx, part, cpart_dy, cpart_dyx, sync,
             c, num_groups, s, plan.n_gblocks, plan.n_schunks, plan.per_set, plan.num_sets,
             *x_strides, *dy_strides, *dx_strides,
             CG=cg, GB=t.groups, CB=t.channels, SB=t.positions, KB=_combine_block(plan), CL=plan.channels_last,
@@ -588,7 +590,9 @@ def backward(
         )
     if not param_grads:
         return dx, None, None
-    # fixed-order reductions (deterministic); separate tensors, since custom ops' outputs must not alias
-    dweight = cpart[1].sum(dim=(0, 1)).to(weight.dtype) if weight is not None else None
-    dbias = cpart[0].sum(dim=(0, 1)).to(bias.dtype) if bias is not None else None
+    # One fixed-order reduction for both (deterministic; one launch less than two). dweight and dbias
+    # may be views of one buffer: callers whose outputs must not alias (a custom op) copy one.
+    dbias_sum, dweight_sum = cpart.sum(dim=(1, 2)).unbind()
+    dweight = dweight_sum.to(weight.dtype) if weight is not None else None
+    dbias = dbias_sum.to(bias.dtype) if bias is not None else None
     return dx, dweight, dbias
