@@ -10,10 +10,9 @@ trains these configurations, each built fresh from the same seed:
 * ``all`` applicable methods together, and ``all+compile``;
 * on request, ``all-triton-launch``: ``all`` with ``slipstream.config.eager_launch = "triton"`` (Triton's
   own launch path instead of slipstream's cached one), to time what the cached launches save;
-* on request, ``all+compile-kernel-ln`` and ``all+compile-inductor-ln``: ``all+compile`` with
-  ``slipstream.config.compiled_layer_norm`` set to ``"kernel"`` (slipstream's LayerNorm kernels in the
-  compiled graph) or ``"inductor"`` (LayerNorm traced as PyTorch math that Inductor fuses with its
-  neighbours; the default), to compare the two.
+* on request, ``all+compile-kernel-norms``: ``all+compile`` with ``slipstream.config.compiled_layer_norm``
+  and ``compiled_group_norm`` set to ``"kernel"`` (slipstream's norm kernels in the compiled graph)
+  instead of their default ``"inductor"`` (the norms traced as PyTorch math that Inductor fuses).
 
 Configurations are interleaved: each round runs every configuration once (a few untimed steps, then
 ``--steps`` timed ones); step time is the median over rounds of each round's median, with the min-max
@@ -49,8 +48,7 @@ from benchmarks.end_to_end_training import (
     Config, MethodFn, Trainee, batch_pool, discover_methods, dropout_mask_bytes, free_device_memory,
 )
 
-CONFIG_KINDS = ("eager", "compile", "methods", "all", "all+compile", "all-triton-launch", "all+compile-kernel-ln",
-                "all+compile-inductor-ln")
+CONFIG_KINDS = ("eager", "compile", "methods", "all", "all+compile", "all-triton-launch", "all+compile-kernel-norms")
 DEFAULT_CONFIG_KINDS = CONFIG_KINDS[:5]  # the last ones run on request
 
 
@@ -120,10 +118,9 @@ def _configs(kinds: Sequence[str], applicable: list[str]) -> list[Config]:
                     for kind in ("all", "all+compile") if kind in kinds]
         if "all-triton-launch" in kinds:
             configs.append(Config("all, Triton launch", tuple(applicable), False, eager_launch="triton"))
-        for path in ("kernel", "inductor"):
-            if f"all+compile-{path}-ln" in kinds:
-                configs.append(Config(f"all+compile, {path} LayerNorm", tuple(applicable), True,
-                                      compiled_layer_norm=path))
+        if "all+compile-kernel-norms" in kinds:
+            configs.append(Config("all+compile, kernel norms", tuple(applicable), True,
+                                  compiled_layer_norm="kernel", compiled_group_norm="kernel"))
     return configs
 
 

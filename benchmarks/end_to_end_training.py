@@ -127,7 +127,9 @@ class Config:
     methods: tuple[str, ...]
     compiled: bool
     eager_launch: str = "cached"  # slipstream.config.eager_launch during its steps
-    compiled_layer_norm: Optional[str] = None  # slipstream.config.compiled_layer_norm during its steps; None: as set
+    # slipstream.config.compiled_layer_norm / compiled_group_norm during its steps; None: as set
+    compiled_layer_norm: Optional[str] = None
+    compiled_group_norm: Optional[str] = None
 
 
 class LossModule(nn.Module):
@@ -254,7 +256,8 @@ class Trainee:
         """One training step: forward and loss under bf16 autocast, backward, fused AdamW."""
         batch = self.batches[self.steps_done % len(self.batches)]
         with slipstream_settings(eager_launch=self.config.eager_launch,
-                                 compiled_layer_norm=self.config.compiled_layer_norm):
+                                 compiled_layer_norm=self.config.compiled_layer_norm,
+                                 compiled_group_norm=self.config.compiled_group_norm):
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 loss = self.module(batch)
             loss.backward()

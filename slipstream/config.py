@@ -17,6 +17,16 @@ Example:
 #: docs/benchmarks.md, H200 session 3. A 12-block stack alone had favoured "kernel" (17.5 against 19.1 ms).
 compiled_layer_norm = "inductor"
 
+#: What ``torch.compile`` traces for :func:`slipstream.ops.group_norm` (FusedGroupNorm, and
+#: LPGroupNorm on CUDA). ``"inductor"`` (default): the PyTorch fallback's math
+#: (:func:`slipstream.ops.group_norm_reference`: fp32 statistics, output in its own dtype and the
+#: input's layout), which Inductor fuses with its neighbours. ``"kernel"``: slipstream's custom ops,
+#: which run our Triton kernels through the dispatcher and our Python launcher on every call. In
+#: resnet50_gn on the H200 machine the custom ops' host time made all methods + compile slower than
+#: compile alone (107 against 26 ms a step, with graph breaks since fixed; docs/benchmarks.md, H200
+#: session 3), and Inductor's own GroupNorm made compile 1.9x faster than eager there.
+compiled_group_norm = "inductor"
+
 #: How eager mode launches slipstream's Triton kernels. ``"cached"`` (default): through
 #: :class:`slipstream.ops.kernels.cached_launch.CachedLauncher`, which lets Triton bind and
 #: specialize the arguments once per argument signature and then calls the compiled kernel's

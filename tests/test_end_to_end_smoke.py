@@ -80,14 +80,12 @@ def test_final_loss_averages_the_last_steps():
     assert trainee.final_loss() == pytest.approx((6.0 * (FINAL_LOSS_STEPS - 1) + 18.0) / FINAL_LOSS_STEPS)
 
 
-def test_layer_norm_path_configurations_compile_all_with_each_setting():
+def test_kernel_norms_configuration_compiles_all_with_the_kernel_settings():
     benchmark = _load_benchmark()
-    kinds = ["all+compile", "all+compile-kernel-ln", "all+compile-inductor-ln"]
-    configs = benchmark._configs(kinds, ["fused_layernorm"])
-    assert [(c.name, c.compiled, c.compiled_layer_norm) for c in configs] == [
-        ("all+compile", True, None),
-        ("all+compile, kernel LayerNorm", True, "kernel"),
-        ("all+compile, inductor LayerNorm", True, "inductor"),
+    configs = benchmark._configs(["all+compile", "all+compile-kernel-norms"], ["fused_layernorm"])
+    assert [(c.name, c.compiled, c.compiled_layer_norm, c.compiled_group_norm) for c in configs] == [
+        ("all+compile", True, None, None),
+        ("all+compile, kernel norms", True, "kernel", "kernel"),
     ]
 
 

@@ -187,7 +187,11 @@ def test_float64_gradcheck_and_reference_formulas():
     assert torch.allclose(y, ref) and all(torch.allclose(a, b) for a, b in zip((dx, dw, db), expected))
 
 
-def test_compiles_without_graph_breaks():
+@pytest.mark.parametrize("group_norm_path", ["inductor", "kernel"])
+def test_compiles_without_graph_breaks(monkeypatch, group_norm_path):
+    monkeypatch.setattr("slipstream.config.compiled_group_norm", group_norm_path)
+    torch._dynamo.reset()
+
     def block(x, weight, bias):
         return group_norm(x * 2, 3, weight, bias, activation="silu").sum()
 
@@ -198,6 +202,24 @@ def test_compiles_without_graph_breaks():
     got = torch.autograd.grad(compiled(x, weight, bias), (x, weight, bias))
     expected = torch.autograd.grad(block(x, weight, bias), (x, weight, bias))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, expected))
+
+
+def test_compiled_bf16_output_keeps_dtype_and_layout():
+    """The Inductor path writes ``out_dtype`` in the input's layout, as the kernels do."""
+    torch._dynamo.reset()
+    x = torch.randn(2, 6, 3, 5).to(memory_format=torch.channels_last)
+    compiled = torch.compile(lambda t: group_norm(t, 3, out_dtype=torch.bfloat16), backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(y.float(), F.group_norm(x, 3), atol=1e-2)
+
+
+def test_unknown_compiled_group_norm_path_is_an_error(monkeypatch):
+    monkeypatch.setattr("slipstream.config.compiled_group_norm", "fast")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: group_norm(t, 2), backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match="compiled_group_norm must be 'inductor' or 'kernel', got 'fast'"):
+        compiled(torch.randn(2, 4, 3))
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,12 @@
 """GroupNorm with low-precision I/O and fp32 statistics, optionally followed by a fused SiLU.
 
-:func:`group_norm` is the public op. It runs as the custom ops ``slipstream::group_norm_forward`` and
-``slipstream::group_norm_backward`` (so ``torch.compile`` traces it without graph breaks), which call
+:func:`group_norm` is the public op. Eager calls run a plain ``torch.autograd.Function`` that calls
 the Triton kernels in :mod:`slipstream.ops.kernels.group_norm` where :func:`use_triton` says so, and
 the pure-PyTorch :func:`group_norm_reference` / :func:`group_norm_backward_reference` otherwise.
-Eager calls reach the same code through a plain ``torch.autograd.Function``, which skips the
-custom-op dispatcher's per-call overhead.
+Under ``torch.compile`` it traces, by default (:data:`slipstream.config.compiled_group_norm`
+``= "inductor"``), as :func:`group_norm_reference`'s math, which Inductor fuses; with ``"kernel"`` as
+the custom ops ``slipstream::group_norm_forward`` and ``slipstream::group_norm_backward``, which run
+the same code as eager calls (no graph breaks either way).
 
 Both read (N, C, *) tensors in whatever layout they come in: contiguous and channels_last tensors
 are read and written in place, and the output has the input's memory layout. A tensor whose spatial
@@ -19,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from slipstream import config
 from slipstream.ops._backend import use_triton
 
 __all__ = ["group_norm", "group_norm_reference", "group_norm_backward_reference", "ACTIVATIONS"]
@@ -296,6 +298,13 @@ def group_norm(
     """
     _validate(x, num_groups, weight, bias, eps, activation, out_dtype)
     args = (x, weight, bias, num_groups, float(eps), activation == "silu", out_dtype or x.dtype)
-    if torch.compiler.is_compiling():  # traced: the custom op, so the graph has no breaks
-        return _forward_op(*args)[0]
+    if torch.compiler.is_compiling():
+        path = config.compiled_group_norm
+        if path == "inductor":  # the fallback's math, for Inductor to fuse
+            with torch.autocast(x.device.type, enabled=False):
+                return group_norm_reference(x, num_groups, weight, bias, float(eps), activation == "silu",
+                                            out_dtype or x.dtype)[0]
+        if path != "kernel":
+            raise ValueError(f"slipstream.config.compiled_group_norm must be 'inductor' or 'kernel', got {path!r}")
+        return _forward_op(*args)[0]  # the custom op: no graph breaks, our kernels
     return _EagerGroupNorm.apply(*args)
