@@ -39,10 +39,12 @@ _CATEGORIES = (
 
 def _slipstream_kernel_names() -> frozenset[str]:
     """Names of our Triton kernels, as the profiler shows them."""
+    from triton.runtime.jit import KernelInterface  # jitted and interpreted kernels alike
+
     from slipstream.ops.kernels import dropout, group_norm, layer_norm, sparse_jl
 
     return frozenset(name for module in (dropout, group_norm, layer_norm, sparse_jl)
-                     for name, value in vars(module).items() if type(value).__name__ == "JITFunction")
+                     for name, value in vars(module).items() if isinstance(value, KernelInterface))
 
 
 def kernel_category(name: str, ours: frozenset[str] = frozenset()) -> str:

@@ -102,3 +102,24 @@ def test_slipstream_settings_apply_inside_the_block_and_are_restored():
     with slipstream_settings(not_a_setting_yet="x"):
         assert config.not_a_setting_yet == "x"
     assert not hasattr(config, "not_a_setting_yet")
+
+
+def test_profile_breakdown_sorts_kernels_by_kind():
+    from types import SimpleNamespace
+
+    import torch
+
+    from benchmarks.end_to_end_profile import _breakdown, kernel_category
+
+    assert kernel_category("_seeded_dropout_kernel", frozenset({"_seeded_dropout_kernel"})) == "slipstream"
+    assert kernel_category("void at::native::vectorized_layer_norm_kernel<float>") == "norm (ATen)"
+    assert kernel_category("nvjet_sm90_tst_192x128_64x5_1x2_h_bz_coopB_TNT") == "matmul/conv"
+    assert kernel_category("something_new") == "other"
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [SimpleNamespace(device_type=cuda, name="_forward_rows_kernel", device_time_total=300.0),
+              SimpleNamespace(device_type=cuda, name="ampere_bf16_gemm", device_time_total=900.0),
+              SimpleNamespace(device_type=cpu, name="aten::mm", device_time_total=900.0)]  # an op, not a kernel
+    table, busy = _breakdown(events * 2, steps=2, wall_ms=2.0)
+    assert busy == pytest.approx(1.2)  # (300 + 900) us a step; the CPU op is not counted again
+    assert "| slipstream | 0.30 | 1 |" in table and "| matmul/conv | 0.90 | 1 |" in table
+    assert table.splitlines()[-1] == "| wall time of a step (profiled, synchronized) | 2.00 | |"
