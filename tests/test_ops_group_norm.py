@@ -239,3 +239,13 @@ def test_rejects_bad_arguments(kwargs, error):
         group_norm(torch.randn(2, 6, 3), **args)
     with pytest.raises(TypeError, match="x"):
         group_norm(torch.ones(2, 6, 3, dtype=torch.int64), 3)
+
+
+def test_layout_strides_are_memoized_and_match_the_tensor():
+    from slipstream.ops.kernels.group_norm import _ncs_strides, _ncs_strides_of
+
+    x = torch.randn(2, 6, 3, 5).to(memory_format=torch.channels_last)
+    hits = _ncs_strides_of.cache_info().hits
+    assert _ncs_strides(x) == (x.stride(0), x.stride(1), x.stride(3)) == _ncs_strides(x)
+    assert _ncs_strides_of.cache_info().hits > hits
+    assert _ncs_strides(torch.randn(2, 6, 4, 4)[:, :, ::2, :]) is None  # spatial dims that do not flatten

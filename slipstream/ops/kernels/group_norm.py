@@ -420,11 +420,16 @@ def _max_fused_set(device_index: int) -> int:
 
 def _ncs_strides(t: torch.Tensor) -> Optional[tuple[int, int, int]]:
     """(N, C, S) strides of ``t`` with its spatial dims flattened, or None if they do not flatten."""
-    spatial = [(size, stride) for size, stride in zip(t.shape[2:], t.stride()[2:]) if size != 1]
+    return _ncs_strides_of(t.shape, t.stride())  # memoized: a model's norms see few layouts
+
+
+@functools.lru_cache(maxsize=4096)
+def _ncs_strides_of(shape: tuple[int, ...], strides: tuple[int, ...]) -> Optional[tuple[int, int, int]]:
+    spatial = [(size, stride) for size, stride in zip(shape[2:], strides[2:]) if size != 1]
     for (_, outer), (size, inner) in zip(spatial, spatial[1:]):
         if outer != inner * size:
             return None
-    return t.stride(0), t.stride(1), spatial[-1][1] if spatial else 1
+    return strides[0], strides[1], spatial[-1][1] if spatial else 1
 
 
 def _flattened(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
