@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from slipstream.ops._triton_op import launcher
-from slipstream.ops.kernels.host_math import cdiv, next_power_of_2
+from slipstream.ops.kernels.host_math import cdiv, memoized_plan, next_power_of_2
 
 __all__ = ["launch_seeded_dropout"]
 
@@ -161,20 +161,6 @@ def _plan(
     return _Plan((row_blocks * col_blocks,), col_blocks, int64, block_rows, block_groups, num_warps)
 
 
-# A key's sizes and strides are all ints, unless torch.compile is tracing (then some may be SymInts).
-_INT = frozenset({int})
-
-
-def _plan_of(sizes: tuple[int, ...], int64: Optional[bool], block_elements: int, num_warps: Optional[int]) -> _Plan:
-    """``_plan(*sizes, int64, block_elements, num_warps)``: a cache lookup unless some of ``sizes`` is symbolic.
-
-    ``sizes`` are :func:`_plan`'s sizes and strides. A plan of SymInts (torch.compile tracing) is
-    computed every time: it belongs to one trace, and SymInts cannot be cache keys.
-    """
-    plan = _plan if _INT.issuperset(map(type, sizes)) else _plan.__wrapped__
-    return plan(*sizes, int64, block_elements, num_warps)
-
-
 def launch_seeded_dropout(
     x: torch.Tensor,
     out: torch.Tensor,
@@ -206,7 +192,8 @@ def launch_seeded_dropout(
     per_row = seeds is not None
     seeds_stride = seeds.stride(0) if per_row else 0
     sizes = (n_rows, n_cols, x_stride_r, x_stride_c, out_stride_r, out_stride_c, seeds_stride)
-    grid, col_blocks, int64, block_rows, block_groups, num_warps = _plan_of(sizes, int64, block_elements, num_warps)
+    grid, col_blocks, int64, block_rows, block_groups, num_warps = memoized_plan(
+        _plan, sizes, int64, block_elements, num_warps)
     launcher(traceable)(_seeded_dropout_kernel)[grid](
         x,
         out,

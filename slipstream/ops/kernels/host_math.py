@@ -1,4 +1,4 @@
-"""Integer helpers for launchers' grid and tile arithmetic, as plain Python functions.
+"""Integer helpers for launchers' grid and tile arithmetic, as plain Python functions, and plan lookup.
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are ``constexpr_function`` s (callable inside kernels
 too), so each host call unwraps its arguments first: several microseconds per launch that these
@@ -7,9 +7,15 @@ plain versions do not spend. Same results for the integers launchers use (>= 0 a
 
 from __future__ import annotations
 
+import functools
+from typing import Callable, TypeVar
+
 import triton
 
-__all__ = ["cdiv", "next_power_of_2"]
+__all__ = ["cdiv", "next_power_of_2", "memoized_plan"]
+
+Plan = TypeVar("Plan")
+_INT = frozenset({int})
 
 
 def cdiv(x: int, y: int) -> int:
@@ -32,3 +38,21 @@ def next_power_of_2(n: int) -> int:
     if type(n) is not int:  # a symbolic size while torch.compile traces a launcher: Triton's bit twiddling
         return triton.next_power_of_2(n)
     return 1 << (n - 1).bit_length()
+
+
+def memoized_plan(plan: "functools._lru_cache_wrapper[Plan]", sizes: tuple, *rest: object) -> Plan:
+    """``plan(*sizes, *rest)`` for an ``lru_cache`` d ``plan``: a cache lookup unless a size is symbolic.
+
+    ``sizes`` are the key's sizes and strides, the only parts that can be SymInts (while
+    torch.compile traces a launcher); the rest of the key is plain by construction. A plan of
+    SymInts is computed every time: it belongs to one trace, and SymInts cannot be cache keys.
+
+    Example:
+        >>> @functools.lru_cache(maxsize=None)
+        ... def grid(n, block):
+        ...     return (cdiv(n, block),)
+        >>> memoized_plan(grid, (10,), 4), grid.cache_info().currsize
+        ((3,), 1)
+    """
+    lookup: Callable[..., Plan] = plan if _INT.issuperset(map(type, sizes)) else plan.__wrapped__
+    return lookup(*sizes, *rest)

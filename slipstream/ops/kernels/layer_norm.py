@@ -35,14 +35,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional, TypeVar
+from typing import Any, NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from slipstream.ops._triton_op import launcher
-from slipstream.ops.kernels.host_math import cdiv, next_power_of_2
+from slipstream.ops.kernels.host_math import cdiv, memoized_plan, next_power_of_2
 
 __all__ = [
     "MAX_REGISTER_ROW",
@@ -141,19 +141,6 @@ def _programs(tiling: Tiling, blocks: int, device: torch.device) -> int:
 
 # Launch plans kept per launcher: bounded, as varying batch or sequence sizes each add one.
 _PLANS = 1024
-_Plan = TypeVar("_Plan")
-
-
-def _plan_of(plan: functools._lru_cache_wrapper[_Plan], m: int, n: int, *rest: object) -> _Plan:
-    """``plan(m, n, *rest)`` for a memoized ``plan``: a cache lookup unless ``m`` or ``n`` is symbolic.
-
-    Rows and row widths are SymInts while torch.compile traces (the rest of a plan's key is plain by
-    construction). A plan of SymInts is computed every time: it belongs to one trace, and SymInts
-    cannot be cache keys.
-    """
-    if type(m) is int and type(n) is int:
-        return plan(m, n, *rest)
-    return plan.__wrapped__(m, n, *rest)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,7 +307,7 @@ def forward(
     device = x.device
     y = torch.empty(x.shape, dtype=out_dtype, device=device)
     stats = torch.empty((2, m), dtype=torch.float32, device=device)
-    plan = _plan_of(_forward_plan, m, n, x.element_size(), weight is not None, bias is not None, tiling, device)
+    plan = memoized_plan(_forward_plan, (m, n), x.element_size(), weight is not None, bias is not None, tiling, device)
     w = x if weight is None else weight  # a placeholder pointer when absent: never read
     b = x if bias is None else bias
     launcher(traceable)(plan.kernel)[plan.grid](x, y, w, b, stats, m, n, row_stride, eps, **plan.meta)
@@ -523,7 +510,7 @@ def backward(
     launch = launcher(traceable)
     dx = torch.empty(x.shape, dtype=x.dtype, device=device)
     has_weight, has_bias = weight is not None, bias_dtype is not None
-    plan = _plan_of(_backward_plan, m, n, x.element_size(), has_weight, has_bias, tiling, device)
+    plan = memoized_plan(_backward_plan, (m, n), x.element_size(), has_weight, has_bias, tiling, device)
     w = x if weight is None else weight  # a placeholder pointer when absent: never read
     sums = int(has_weight) + int(has_bias)  # rows of per-program partial sums: dW's, then dB's
     if not plan.column_tiled:
