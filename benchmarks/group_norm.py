@@ -203,6 +203,52 @@ def norm_tables(results: list[dict], copy_gbs: float) -> str:
     return "\n\n".join(text)
 
 
+def sweep_strategies() -> str:
+    """Time each pass under the fused barrier and as two passes; keep the best ``TWO_PASS_MAX_BYTES``.
+
+    Every benchmark shape, both layouts, bf16 and fp32, no activation, kernels alone. A pass re-reads
+    x (forward) or x and dy (backward); the threshold chosen is the one (of 0 and each pass's re-read
+    bytes) that gives the best geometric mean of forward + backward time over the cases.
+    """
+    from slipstream.ops.kernels import group_norm as kernels
+
+    forced = {"fused": 0, "two_pass": 1 << 62}
+    cases = []
+    for (shape, num_groups), dtype_name, layout in itertools.product(SHAPES, ["bf16", "fp32"], list(LAYOUTS)):
+        x, w, b, dy = (t.detach() for t in make_inputs(shape, DTYPES[dtype_name], layout))
+        times = {}
+        for strategy, threshold in forced.items():
+            kernels.TWO_PASS_MAX_BYTES = threshold
+            y, mean, rstd = kernels.forward(x, w, b, num_groups, EPS, False, x.dtype)
+            times[strategy] = (bench(lambda: kernels.forward(x, w, b, num_groups, EPS, False, x.dtype)),
+                               bench(lambda: kernels.backward(dy, x, w, b, mean, rstd, num_groups, False)))
+        nbytes = x.numel() * x.element_size()
+        cases.append(("x".join(map(str, shape)), num_groups, dtype_name, layout, nbytes, times))
+        print(cases[-1], flush=True)
+
+    def geomean_ms(threshold: int) -> float:
+        total = 0.0
+        for *_, nbytes, times in cases:
+            fwd = times["two_pass" if nbytes <= threshold else "fused"][0]
+            bwd = times["two_pass" if 2 * nbytes <= threshold else "fused"][1]
+            total += math.log(fwd + bwd)
+        return math.exp(total / len(cases))
+
+    candidates = sorted({0} | {m * c[4] for c in cases for m in (1, 2)})
+    best = min(candidates, key=geomean_ms)
+    kernels.TWO_PASS_MAX_BYTES = best
+    table = Table(["shape", "G", "dtype", "layout", "MiB", "fwd fused us", "fwd two-pass us", "bwd fused us",
+                   "bwd two-pass us"])
+    for shape, groups, dtype_name, layout, nbytes, times in cases:
+        table.add(shape, groups, dtype_name, layout, nbytes / 2**20, 1e3 * times["fused"][0],
+                  1e3 * times["two_pass"][0], 1e3 * times["fused"][1], 1e3 * times["two_pass"][1])
+    chosen = (f"Chosen: TWO_PASS_MAX_BYTES={best} ({best / 2**20:.1f} MiB; geometric mean of forward + backward "
+              f"{1e3 * geomean_ms(best):.1f} us, against {1e3 * geomean_ms(0):.1f} us always fused and "
+              f"{1e3 * geomean_ms(1 << 62):.1f} us always two passes), used for everything below.")
+    print(chosen, flush=True)
+    return f"### Fused barrier or two passes (kernels alone, no activation)\n\n{table.markdown()}\n\n{chosen}"
+
+
 def sweep(copy_gbs: float) -> str:
     """Time the kernels under each setting to sweep (bf16, no activation); keep the fastest settings.
 
@@ -343,7 +389,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--impls", default=",".join(IMPLS), help="comma list of " + ",".join(IMPLS))
     parser.add_argument("--no-norms", action="store_true", help="skip the norm tables")
     parser.add_argument("--no-model", action="store_true", help="skip the resnet50_gn step")
-    parser.add_argument("--sweep", action="store_true", help="sweep the kernel settings first and use the best")
+    parser.add_argument("--sweep", action="store_true",
+                        help="sweep the kernel strategy and settings first and use the best")
     parser.add_argument("--compile-workers", type=int, default=8, help="processes warming torch.compile's cache")
     args = parser.parse_args(argv)
     dtypes, impls = args.dtypes.split(","), args.impls.split(",")
@@ -369,6 +416,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         write_section(out_md, "GroupNorm", environment_line(command_line()), "\n\n".join(body + tables))
 
     if args.sweep:
+        body.append(sweep_strategies())
         body.append(sweep(copy_gbs))
         write()
     if warming is not None:  # before the model step, whose eager timing shares the host's cores

@@ -122,6 +122,35 @@ def test_sets_of_many_programs(device, shape, groups, channels_last, tile):
     check_against_float64(x, groups, weight, bias, True, run)
 
 
+# The same small sets through each multi-program strategy: two passes (each apply program combines
+# its set's partials) and three passes (a combine launch between them). The GPU's fused barrier runs
+# where sets fit the SMs, so "fused" is only checked there.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("strategy", ["fused", "two_pass", "three_pass"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_each_multi_program_strategy(monkeypatch, device, strategy, channels_last):
+    if not use_triton(torch.empty(0, device=device)):
+        pytest.skip("kernels run on CUDA or under TRITON_INTERPRET=1")
+    from slipstream.ops._backend import interpreting
+    from slipstream.ops.kernels import group_norm as kernels
+
+    if strategy == "fused" and interpreting():
+        pytest.skip("the interpreter runs programs one at a time: no barrier")
+    monkeypatch.setattr(kernels, "TWO_PASS_MAX_BYTES", 1 << 62 if strategy == "two_pass" else 0)
+    monkeypatch.setattr(kernels, "TWO_PASS_MAX_SET", 1 if strategy == "three_pass" else 256)
+    shape, groups, tile = (2, 12, 5, 7), 3, 16
+    x = make_input(shape, torch.bfloat16, channels_last, device)
+    plan = kernels._plan(x, kernels._ncs_strides(x), groups, tile, x.numel() * x.element_size())
+    assert plan.strategy == strategy and plan.per_set > 1
+
+    def run(x, weight, bias, dy):
+        y, mean, rstd = kernels.forward(x, weight, bias, groups, 1e-5, True, x.dtype, tile=tile)
+        return (y, *kernels.backward(dy, x, weight, bias, mean, rstd, groups, True, tile=tile))
+
+    weight, bias = make_params(shape[1], device)
+    check_against_float64(x, groups, weight, bias, True, run)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_large_mean_small_spread(device):
     """Statistics combine centred partials: E[x^2] - E[x]^2 in fp32 would be off by about 50% here."""

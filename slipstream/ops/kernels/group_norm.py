@@ -7,7 +7,7 @@ contiguous (NCHW) and channels_last (NHWC) tensors are read and written in place
 (C/G channels x S positions) plane is cut into tiles of ``GB`` groups x ``CB`` channels x ``SB``
 positions; the tiles covering the same groups of one sample form a *set* of ``K`` programs. Each
 program keeps its tile in registers, writes the group-level partial sums of its tile, and needs the
-whole set's partials before it can write its output. Three ways to get them:
+whole set's partials before it can write its output. Four ways to get them:
 
 * a set of one program (the group fits in a tile): statistics straight from registers, one launch.
 * fused (GPU, ``K`` <= number of SMs): one launch; the set's programs meet at a barrier (an atomic
@@ -17,8 +17,14 @@ whole set's partials before it can write its output. Three ways to get them:
   the grid from an atomic ticket, so a program only ever waits for programs that started after it:
   with ``K`` no larger than the number of SMs (one program per SM always fits), every set completes
   whatever order the hardware starts programs in.
-* three launches (Triton's CPU interpreter, which runs programs one after another, and sets too
-  large for the GPU): write partials; combine each set once; normalize, reading the input again.
+* two passes: one launch writes the partials; a second launch reads the input again (from L2 where
+  it still fits: it walks the tiles backwards, so the last ones read come first) and each of its
+  programs combines its set's partials itself. No barrier and no zeroed sync buffer: what Triton's
+  CPU interpreter (which runs programs one after another) and sets too large for the GPU's barrier
+  use, and what the GPU uses where the inputs are small enough (``TWO_PASS_MAX_BYTES``).
+* three passes, for sets of more than ``TWO_PASS_MAX_SET`` programs (every program reading all the
+  partials would cost more than a launch): a combine launch between the two passes writes each set's
+  statistics once.
 
 Either way the result is deterministic: partial sums are combined in a fixed order, never by atomics.
 Forward statistics combine (count, sum, sum of squared deviations) per tile with Chan's formula, so
@@ -56,6 +62,11 @@ COMBINE_BLOCK = 128
 LAST_COMBINE_MIN_PARTIALS = 512
 # Shortest contiguous run (bytes) a tile reads from each row of a channels_last tensor.
 MIN_RUN_BYTES = 64
+# A pass whose inputs (x forward; x and dy backward) are at most this many bytes runs as two passes
+# rather than a fused launch (see the module docstring).
+TWO_PASS_MAX_BYTES = 0
+# Largest set whose programs each combine all its partials in a two-pass launch.
+TWO_PASS_MAX_SET = 256
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -66,10 +77,14 @@ MIN_RUN_BYTES = 64
 
 
 @triton.jit
-def _program_id(SYNC, num_sets, USE_TICKET: tl.constexpr):
+def _program_id(SYNC, num_sets, USE_TICKET: tl.constexpr, REVERSE: tl.constexpr):
     # Fused launches number programs by arrival (an atomic ticket), not by hardware start order.
+    # A second pass over the input walks the tiles backwards: the first pass read the last tiles
+    # last, so those are the ones still in L2.
     if USE_TICKET:
         vid = tl.atomic_add(SYNC + 2 * num_sets, 1, sem="relaxed")
+    elif REVERSE:
+        vid = tl.num_programs(0) - 1 - tl.program_id(0)
     else:
         vid = tl.program_id(0)
     return vid
@@ -207,39 +222,43 @@ def _reduce_set(part, K, n_schunks, CG: tl.constexpr, S, eps,
 @triton.jit
 def _set_values(part, OUT0, OUT1, SYNC, set_id, num_sets, k, K, g, G, n_schunks, CG: tl.constexpr, S, eps,
                 GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, KB: tl.constexpr,
-                FORWARD: tl.constexpr, WAIT: tl.constexpr, LAST: tl.constexpr):
+                FORWARD: tl.constexpr, WAIT: tl.constexpr, LAST: tl.constexpr, COMBINE: tl.constexpr):
     """A set's two per-group values, also stored at ``OUT0/OUT1 + g``.
 
     Fused launch (WAIT): every program has written its partials; with LAST the program that arrives
     last combines them and raises the set's flag while the others wait for it, else all wait for the
-    count to reach K and combine them alike. Three-launch path: read what the combine launch stored.
+    count to reach K and combine them alike. Two-pass apply launch (COMBINE): the partials are all
+    written by the launch before, and every program combines them itself. Three-pass apply launch:
+    read what the combine launch stored.
     """
     gmask = g < G
-    if WAIT:
+    if WAIT and LAST:
         tl.debug_barrier()  # every thread's partial stores are issued before the release below
         arrived = tl.atomic_add(SYNC + set_id, 1, sem="acq_rel") + 1
-        if LAST:
-            if arrived == K:
-                v0, v1 = _reduce_set(part, K, n_schunks, CG, S, eps, GB, CB, SB, KB, FORWARD)
-                tl.store(OUT0 + g, v0, mask=gmask)
-                tl.store(OUT1 + g, v1, mask=gmask)
-                tl.debug_barrier()
-                tl.atomic_xchg(SYNC + num_sets + set_id, 1, sem="release")
-            else:
-                ready = tl.atomic_add(SYNC + num_sets + set_id, 0, sem="acquire")
-                while ready == 0:
-                    ready = tl.atomic_add(SYNC + num_sets + set_id, 0, sem="acquire")
-                tl.debug_barrier()
-                v0 = tl.load(OUT0 + g, mask=gmask, other=0.0, cache_modifier=".cg")
-                v1 = tl.load(OUT1 + g, mask=gmask, other=0.0, cache_modifier=".cg")
+        if arrived == K:
+            v0, v1 = _reduce_set(part, K, n_schunks, CG, S, eps, GB, CB, SB, KB, FORWARD)
+            tl.store(OUT0 + g, v0, mask=gmask)
+            tl.store(OUT1 + g, v1, mask=gmask)
+            tl.debug_barrier()
+            tl.atomic_xchg(SYNC + num_sets + set_id, 1, sem="release")
         else:
+            ready = tl.atomic_add(SYNC + num_sets + set_id, 0, sem="acquire")
+            while ready == 0:
+                ready = tl.atomic_add(SYNC + num_sets + set_id, 0, sem="acquire")
+            tl.debug_barrier()
+            v0 = tl.load(OUT0 + g, mask=gmask, other=0.0, cache_modifier=".cg")
+            v1 = tl.load(OUT1 + g, mask=gmask, other=0.0, cache_modifier=".cg")
+    elif WAIT or COMBINE:
+        if WAIT:
+            tl.debug_barrier()
+            arrived = tl.atomic_add(SYNC + set_id, 1, sem="acq_rel") + 1
             while arrived < K:
                 arrived = tl.atomic_add(SYNC + set_id, 0, sem="acquire")
             tl.debug_barrier()
-            v0, v1 = _reduce_set(part, K, n_schunks, CG, S, eps, GB, CB, SB, KB, FORWARD)
-            if k == 0:
-                tl.store(OUT0 + g, v0, mask=gmask)
-                tl.store(OUT1 + g, v1, mask=gmask)
+        v0, v1 = _reduce_set(part, K, n_schunks, CG, S, eps, GB, CB, SB, KB, FORWARD)
+        if k == 0:
+            tl.store(OUT0 + g, v0, mask=gmask)
+            tl.store(OUT1 + g, v1, mask=gmask)
     else:
         v0 = tl.load(OUT0 + g, mask=gmask, other=0.0)
         v1 = tl.load(OUT1 + g, mask=gmask, other=0.0)
@@ -271,9 +290,9 @@ def _forward_kernel(
     sxn, sxc, sxs, syn, syc, sys_, eps,
     CG: tl.constexpr, GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, KB: tl.constexpr, CL: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
-    STATS: tl.constexpr, APPLY: tl.constexpr, WAIT: tl.constexpr, LAST: tl.constexpr,
+    STATS: tl.constexpr, APPLY: tl.constexpr, WAIT: tl.constexpr, LAST: tl.constexpr, COMBINE: tl.constexpr,
 ):
-    vid = _program_id(SYNC, num_sets, WAIT)
+    vid = _program_id(SYNC, num_sets, WAIT, APPLY and not STATS)
     set_id, k, n, g, kc, ks, c, cmask, s, mask = _tile_index(vid, K, n_gblocks, n_schunks, G, CG, S, GB, CB, SB, CL)
     part = PART + set_id * K * 2 * GB
     x = tl.load(X + _offsets(n, c, s, sxn, sxc, sxs, CL), mask=mask, other=0.0).to(tl.float32)
@@ -294,7 +313,7 @@ def _forward_kernel(
             tl.store(RSTD + n * G + g, rstd, mask=g < G)
         else:
             mean, rstd = _set_values(part, MEAN + n * G, RSTD + n * G, SYNC, set_id, num_sets, k, K, g, G,
-                                     n_schunks, CG, S, eps, GB, CB, SB, KB, True, WAIT, LAST)
+                                     n_schunks, CG, S, eps, GB, CB, SB, KB, True, WAIT, LAST, COMBINE)
         w, b = _affine(W, B, c, cmask, HAS_W, HAS_B, GB, CB)
         z = (x - _per_group(mean, CL)) * _per_group(rstd, CL) * _per_channel(w, CL) + _per_channel(b, CL)
         if SILU:
@@ -314,9 +333,9 @@ def _backward_kernel(
     sxn, sxc, sxs, sdn, sdc, sds, sgn, sgc, sgs,
     CG: tl.constexpr, GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, KB: tl.constexpr, CL: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, PARAM_GRADS: tl.constexpr,
-    STATS: tl.constexpr, APPLY: tl.constexpr, WAIT: tl.constexpr, LAST: tl.constexpr,
+    STATS: tl.constexpr, APPLY: tl.constexpr, WAIT: tl.constexpr, LAST: tl.constexpr, COMBINE: tl.constexpr,
 ):
-    vid = _program_id(SYNC, num_sets, WAIT)
+    vid = _program_id(SYNC, num_sets, WAIT, APPLY and not STATS)
     set_id, k, n, g, kc, ks, c, cmask, s, mask = _tile_index(vid, K, n_gblocks, n_schunks, G, CG, S, GB, CB, SB, CL)
     part = PART + set_id * K * 2 * GB
     mean = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
@@ -349,7 +368,7 @@ def _backward_kernel(
             mean_gx = group_dy_xhat / (CG * 1.0 * S)
         else:
             mean_g, mean_gx = _set_values(part, GRAD0 + n * G, GRAD1 + n * G, SYNC, set_id, num_sets, k, K, g, G,
-                                          n_schunks, CG, S, 0.0, GB, CB, SB, KB, False, WAIT, LAST)
+                                          n_schunks, CG, S, 0.0, GB, CB, SB, KB, False, WAIT, LAST, COMBINE)
         dx = (dy * _per_channel(w, CL) - _per_group(mean_g, CL) - xhat * _per_group(mean_gx, CL)) * _per_group(rstd, CL)
         tl.store(DX + _offsets(n, c, s, sgn, sgc, sgs, CL), dx.to(DX.dtype.element_ty), mask=mask)
 
@@ -448,52 +467,68 @@ class _Plan(NamedTuple):
     n_schunks: int
     per_set: int  # K: programs per set
     num_sets: int
-    fused: bool
+    strategy: str  # one of STRATEGIES
     num_warps: int
     channels_last: bool
     last_combines: bool  # fused sets: the last program to arrive combines the partials
 
 
-def _plan(x: torch.Tensor, x_strides: tuple[int, int, int], num_groups: int, tile: int) -> _Plan:
+#: How a set's programs get the set's statistics (see the module docstring): "one" (a set of one
+#: program), "fused" (one launch, programs meet at a barrier), "two_pass" (a statistics launch, then
+#: an apply launch whose programs each combine their set's partials) and "three_pass" (a combine
+#: launch between the two, for sets too large for every program to read all their partials).
+STRATEGIES = ("one", "fused", "two_pass", "three_pass")
+
+
+def _plan(x: torch.Tensor, x_strides: tuple[int, int, int], num_groups: int, tile: int, reread_bytes: int) -> _Plan:
+    """The launch plan for ``x``; ``reread_bytes``: what a second pass over the inputs would read."""
     n, c = x.shape[:2]
     s = x.numel() // (n * c)
     _, sxc, sxs = x_strides
     # the interpreter runs programs one at a time, so its programs can never wait at a barrier
     max_per_set = 0 if interpreting() else _max_fused_set(x.device.index or 0)
     return _cached_plan(n, c, s, sxc < sxs and c > 1 and s > 1, x.element_size(), num_groups, tile, max_per_set,
-                        MIN_RUN_BYTES, ELEMENTS_PER_THREAD, LAST_COMBINE_MIN_PARTIALS)
+                        reread_bytes <= TWO_PASS_MAX_BYTES, TWO_PASS_MAX_SET, MIN_RUN_BYTES, ELEMENTS_PER_THREAD,
+                        LAST_COMBINE_MIN_PARTIALS)
 
 
 @functools.lru_cache(maxsize=4096)
 def _cached_plan(n: int, c: int, s: int, channels_last: bool, element_size: int, num_groups: int, tile: int,
-                 max_per_set: int, min_run_bytes: int, elements_per_thread: int, last_min_partials: int) -> _Plan:
+                 max_per_set: int, prefer_two_pass: bool, two_pass_max_set: int, min_run_bytes: int,
+                 elements_per_thread: int, last_min_partials: int) -> _Plan:
     cg = c // num_groups
     shape = tile_shape(num_groups, cg, s, channels_last, element_size, tile, max_per_set or cg * s, min_run_bytes)
     n_gblocks = cdiv(num_groups, shape.groups)
     n_schunks = cdiv(s, shape.positions)
     per_set = cdiv(cg, shape.channels) * n_schunks
-    fused = per_set == 1 or per_set <= max_per_set  # a set of one program never waits
+    if per_set == 1:
+        strategy = "one"
+    elif per_set <= max_per_set and not prefer_two_pass:
+        strategy = "fused"
+    else:
+        strategy = "two_pass" if per_set <= two_pass_max_set else "three_pass"
     elements = shape.groups * shape.channels * shape.positions
     num_warps = max(1, min(16, elements // (32 * elements_per_thread)))
     last_combines = per_set * shape.groups >= last_min_partials
-    return _Plan(shape, n_gblocks, n_schunks, per_set, n * n_gblocks, fused, num_warps, channels_last, last_combines)
+    return _Plan(shape, n_gblocks, n_schunks, per_set, n * n_gblocks, strategy, num_warps, channels_last,
+                 last_combines)
 
 
 def _set_buffers(x: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
     """Partials (num_sets, K, 2, GB) and the barrier words: a counter and a flag per set, the ticket."""
     part = torch.empty(plan.num_sets * plan.per_set * 2 * plan.shape.groups, device=x.device, dtype=torch.float32)
-    if plan.fused and plan.per_set > 1:
+    if plan.strategy == "fused":
         sync = torch.zeros(2 * plan.num_sets + 1, device=x.device, dtype=torch.int32)
     else:  # no barrier: a placeholder pointer
         sync = torch.empty(1, device=x.device, dtype=torch.int32)
     return part, sync
 
 
-def _phases(plan: _Plan) -> list[tuple[bool, bool, bool]]:
-    """(STATS, APPLY, WAIT) of each launch; a combine launch runs between two-launch phases."""
-    if plan.fused:
-        return [(True, True, plan.per_set > 1)]
-    return [(True, False, False), (False, True, False)]
+def _phases(plan: _Plan) -> list[tuple[bool, bool, bool, bool]]:
+    """(STATS, APPLY, WAIT, COMBINE) of each launch; a combine launch runs between three-pass phases."""
+    if plan.strategy in ("one", "fused"):
+        return [(True, True, plan.strategy == "fused", False)]
+    return [(True, False, False, False), (False, True, False, plan.strategy == "two_pass")]
 
 
 def _combine(part: torch.Tensor, out0: torch.Tensor, out1: torch.Tensor, plan: _Plan, num_groups: int,
@@ -532,11 +567,11 @@ def forward(
     y_strides = _ncs_strides(y)
     mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    plan = _plan(x, x_strides, num_groups, tile)
+    plan = _plan(x, x_strides, num_groups, tile, x.numel() * x.element_size())
     part, sync = _set_buffers(x, plan)
     t = plan.shape
-    for launch, (stats, apply, wait) in enumerate(_phases(plan)):
-        if launch == 1:
+    for launch, (stats, apply, wait, combine) in enumerate(_phases(plan)):
+        if launch == 1 and plan.strategy == "three_pass":
             _combine(part, mean, rstd, plan, num_groups, cg, s, eps, forward=True)
         launcher(False)(_forward_kernel)[(plan.num_sets * plan.per_set,)](
             x, y, weight if weight is not None else x, bias if bias is not None else x, mean, rstd, part, sync,
@@ -544,7 +579,7 @@ def forward(
             *x_strides, *y_strides, eps,
             CG=cg, GB=t.groups, CB=t.channels, SB=t.positions, KB=_combine_block(plan), CL=plan.channels_last,
             HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
-            STATS=stats, APPLY=apply, WAIT=wait, LAST=plan.last_combines, num_warps=plan.num_warps,
+            STATS=stats, APPLY=apply, WAIT=wait, LAST=plan.last_combines, COMBINE=combine, num_warps=plan.num_warps,
         )
     return y, mean, rstd
 
@@ -571,7 +606,7 @@ def backward(
     cg = c // num_groups
     dx = torch.empty_like(x)
     dx_strides = _ncs_strides(dx)
-    plan = _plan(x, x_strides, num_groups, tile)
+    plan = _plan(x, x_strides, num_groups, tile, 2 * x.numel() * x.element_size())
     part, sync = _set_buffers(x, plan)
     param_grads = weight is not None or bias is not None
     # per-channel sums of dy' and dy'*xhat for each (sample, position chunk): (2, N, n_schunks, C)
@@ -581,8 +616,8 @@ def backward(
     grads_g, grads_gx = grads.unbind()  # one view op for both halves (each costs host time)
     cpart_dy, cpart_dyx = cpart.unbind()
     t = plan.shape
-    for launch, (stats, apply, wait) in enumerate(_phases(plan)):
-        if launch == 1:
+    for launch, (stats, apply, wait, combine) in enumerate(_phases(plan)):
+        if launch == 1 and plan.strategy == "three_pass":
             _combine(part, grads_g, grads_gx, plan, num_groups, cg, s, 0.0, forward=False)
         launcher(False)(_backward_kernel)[(plan.num_sets * plan.per_set,)](
             x, dy, dx, weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
@@ -591,7 +626,7 @@ def backward(
             *x_strides, *dy_strides, *dx_strides,
             CG=cg, GB=t.groups, CB=t.channels, SB=t.positions, KB=_combine_block(plan), CL=plan.channels_last,
             HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, PARAM_GRADS=param_grads,
-            STATS=stats, APPLY=apply, WAIT=wait, LAST=plan.last_combines, num_warps=plan.num_warps,
+            STATS=stats, APPLY=apply, WAIT=wait, LAST=plan.last_combines, COMBINE=combine, num_warps=plan.num_warps,
         )
     if not param_grads:
         return dx, None, None
