@@ -136,7 +136,7 @@ def test_each_multi_program_strategy(monkeypatch, device, strategy, channels_las
 
     if strategy == "fused" and interpreting():
         pytest.skip("the interpreter runs programs one at a time: no barrier")
-    monkeypatch.setattr(kernels, "TWO_PASS_MAX_BYTES", 1 << 62 if strategy == "two_pass" else 0)
+    monkeypatch.setattr(kernels, "TWO_PASS_MAX_BYTES", 0 if strategy == "fused" else 1 << 62)
     monkeypatch.setattr(kernels, "TWO_PASS_MAX_SET", 1 if strategy == "three_pass" else 256)
     shape, groups, tile = (2, 12, 5, 7), 3, 16
     x = make_input(shape, torch.bfloat16, channels_last, device)
