@@ -3,7 +3,7 @@ plus a timm ``resnet50_gn`` training step with and without Low Precision GroupNo
 
 Run: ``PYTHONPATH=. python benchmarks/group_norm.py --out OUTDIR`` (writes ``group_norm.md``,
 ``group_norm.json`` and ``group_norm.png`` there, rewritten as each part finishes). ``--dtypes``,
-``--impls``, ``--no-model`` and ``--sweep`` choose the parts.
+``--impls``, ``--no-model``, ``--no-norms``, ``--phases`` and ``--sweep`` choose the parts.
 
 Each timed call (forward, or forward + backward through ``torch.autograd.grad``) is captured in a
 CUDA graph and its replays are timed with ``do_bench`` (median, L2 flushed before each replay), so
@@ -23,6 +23,7 @@ import json
 import math
 import multiprocessing
 import os
+import statistics
 from typing import Callable, Optional
 
 import torch
@@ -249,6 +250,63 @@ def sweep_strategies() -> str:
     return f"### Fused barrier or two passes (kernels alone, no activation)\n\n{table.markdown()}\n\n{chosen}"
 
 
+PHASE_REPEATS = 20
+
+
+def phase_times() -> str:
+    """GPU time of each pass of the three-pass kernels (torch.profiler), beside a copy of x.
+
+    Forcing three passes separates what a fused launch does in one: the statistics pass (read x, or
+    x and dy; reduce) and the apply pass (read again, normalize, write). Each pass's bandwidth is
+    its fewest bytes (stats: 1x forward, 2x backward; apply: 2x and 3x numel x element size) over
+    its time, as a fraction of the copy's in the same profile. bf16, no activation; channels_last
+    also at several threads per program (``ELEMENTS_PER_THREAD``).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from slipstream.ops.kernels import group_norm as kernels
+
+    saved = kernels.TWO_PASS_MAX_BYTES, kernels.TWO_PASS_MAX_SET, kernels.ELEMENTS_PER_THREAD
+    table = Table(["shape", "G", "layout", "elements/thread", "copy us", "fwd stats us (/copy)",
+                   "fwd apply us (/copy)", "bwd stats us (/copy)", "bwd apply us (/copy)"])
+    kernels.TWO_PASS_MAX_BYTES, kernels.TWO_PASS_MAX_SET = 1 << 62, 0
+    try:
+        for (shape, num_groups), layout in itertools.product(SHAPES, list(LAYOUTS)):
+            x, w, b, dy = (t.detach() for t in make_inputs(shape, torch.bfloat16, layout))
+            copy = torch.empty_like(x)
+            for per_thread in ([16, 32, 64, 128] if layout == "channels_last" else [64]):
+                kernels.ELEMENTS_PER_THREAD = per_thread
+
+                def run():
+                    copy.copy_(x)
+                    y, mean, rstd = kernels.forward(x, w, b, num_groups, EPS, False, x.dtype)
+                    kernels.backward(dy, x, w, b, mean, rstd, num_groups, False)
+
+                run()
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(PHASE_REPEATS):
+                        run()
+                    torch.cuda.synchronize()
+                times: dict[str, list[float]] = {}
+                for event in sorted(prof.events(), key=lambda e: e.time_range.start):  # launch order
+                    if event.device_type == torch.autograd.DeviceType.CUDA:
+                        times.setdefault(event.name, []).append(event.device_time_total)
+                copy_us = statistics.median(next(v for k, v in times.items() if "opy" in k))
+                fwd, bwd = times.get("_forward_kernel", []), times.get("_backward_kernel", [])
+                if len(fwd) != 2 * PHASE_REPEATS or len(bwd) != 2 * PHASE_REPEATS:  # a set of one program
+                    continue
+                row = [statistics.median(fwd[0::2]), statistics.median(fwd[1::2]),
+                       statistics.median(bwd[0::2]), statistics.median(bwd[1::2])]
+                moved = [1, 2, 2, 3]  # multiples of numel x element size, against the copy's 2
+                table.add("x".join(map(str, shape)), num_groups, layout, per_thread, copy_us,
+                          *[f"{us:.1f} ({2 * copy_us / (m * us):.0%})" for us, m in zip(row, moved)])
+                print(table.rows[-1], flush=True)
+    finally:
+        kernels.TWO_PASS_MAX_BYTES, kernels.TWO_PASS_MAX_SET, kernels.ELEMENTS_PER_THREAD = saved
+    return f"### Each pass on its own (three passes forced, bf16, no activation)\n\n{table.markdown()}"
+
+
 def sweep(copy_gbs: float) -> str:
     """Time the kernels under each setting to sweep (bf16, no activation); keep the fastest settings.
 
@@ -391,6 +449,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--no-model", action="store_true", help="skip the resnet50_gn step")
     parser.add_argument("--sweep", action="store_true",
                         help="sweep the kernel strategy and settings first and use the best")
+    parser.add_argument("--phases", action="store_true",
+                        help="time each pass of the kernels on its own first (a profile, three passes forced)")
     parser.add_argument("--compile-workers", type=int, default=8, help="processes warming torch.compile's cache")
     args = parser.parse_args(argv)
     dtypes, impls = args.dtypes.split(","), args.impls.split(",")
@@ -415,6 +475,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         tables = [norm_tables(results, copy_gbs)] if results else []
         write_section(out_md, "GroupNorm", environment_line(command_line()), "\n\n".join(body + tables))
 
+    if args.phases:
+        body.append(phase_times())
+        write()
     if args.sweep:
         body.append(sweep_strategies())
         body.append(sweep(copy_gbs))
