@@ -253,32 +253,31 @@ def sweep_strategies() -> str:
 PHASE_REPEATS = 20
 
 
-def phase_times() -> str:
+def phase_times(copy_gbs: float) -> str:
     """GPU time of each pass of the three-pass kernels (torch.profiler), beside a copy of x.
 
     Forcing three passes separates what a fused launch does in one: the statistics pass (read x, or
     x and dy; reduce) and the apply pass (read again, normalize, write). Each pass's bandwidth is
     its fewest bytes (stats: 1x forward, 2x backward; apply: 2x and 3x numel x element size) over
-    its time, as a fraction of the copy's in the same profile. bf16, no activation; channels_last
-    also at several threads per program (``ELEMENTS_PER_THREAD``).
+    its time, as a fraction of the copy bandwidth measured in the same run. bf16, no activation;
+    channels_last in both program orders (``POSITION_MAJOR``).
     """
     from torch.profiler import ProfilerActivity, profile
 
     from slipstream.ops.kernels import group_norm as kernels
 
-    saved = kernels.TWO_PASS_MAX_BYTES, kernels.TWO_PASS_MAX_SET, kernels.ELEMENTS_PER_THREAD
-    table = Table(["shape", "G", "layout", "elements/thread", "copy us", "fwd stats us (/copy)",
+    saved = kernels.TWO_PASS_MAX_BYTES, kernels.TWO_PASS_MAX_SET, kernels.POSITION_MAJOR
+    table = Table(["shape", "G", "layout", "position-major", "fwd stats us (/copy)",
                    "fwd apply us (/copy)", "bwd stats us (/copy)", "bwd apply us (/copy)"])
     kernels.TWO_PASS_MAX_BYTES, kernels.TWO_PASS_MAX_SET = 1 << 62, 0
     try:
         for (shape, num_groups), layout in itertools.product(SHAPES, list(LAYOUTS)):
             x, w, b, dy = (t.detach() for t in make_inputs(shape, torch.bfloat16, layout))
-            copy = torch.empty_like(x)
-            for per_thread in ([16, 32, 64, 128] if layout == "channels_last" else [64]):
-                kernels.ELEMENTS_PER_THREAD = per_thread
+            nbytes = x.numel() * x.element_size()
+            for position_major in ([False, True] if layout == "channels_last" else [False]):
+                kernels.POSITION_MAJOR = position_major
 
                 def run():
-                    copy.copy_(x)
                     y, mean, rstd = kernels.forward(x, w, b, num_groups, EPS, False, x.dtype)
                     kernels.backward(dy, x, w, b, mean, rstd, num_groups, False)
 
@@ -292,18 +291,17 @@ def phase_times() -> str:
                 for event in sorted(prof.events(), key=lambda e: e.time_range.start):  # launch order
                     if event.device_type == torch.autograd.DeviceType.CUDA:
                         times.setdefault(event.name, []).append(event.device_time_total)
-                copy_us = statistics.median(next(v for k, v in times.items() if "opy" in k))
                 fwd, bwd = times.get("_forward_kernel", []), times.get("_backward_kernel", [])
                 if len(fwd) != 2 * PHASE_REPEATS or len(bwd) != 2 * PHASE_REPEATS:  # a set of one program
                     continue
                 row = [statistics.median(fwd[0::2]), statistics.median(fwd[1::2]),
                        statistics.median(bwd[0::2]), statistics.median(bwd[1::2])]
-                moved = [1, 2, 2, 3]  # multiples of numel x element size, against the copy's 2
-                table.add("x".join(map(str, shape)), num_groups, layout, per_thread, copy_us,
-                          *[f"{us:.1f} ({2 * copy_us / (m * us):.0%})" for us, m in zip(row, moved)])
+                moved = [1, 2, 2, 3]  # multiples of numel x element size
+                table.add("x".join(map(str, shape)), num_groups, layout, "yes" if position_major else "no",
+                          *[f"{us:.1f} ({gbs(m * nbytes, us / 1e3) / copy_gbs:.0%})" for us, m in zip(row, moved)])
                 print(table.rows[-1], flush=True)
     finally:
-        kernels.TWO_PASS_MAX_BYTES, kernels.TWO_PASS_MAX_SET, kernels.ELEMENTS_PER_THREAD = saved
+        kernels.TWO_PASS_MAX_BYTES, kernels.TWO_PASS_MAX_SET, kernels.POSITION_MAJOR = saved
     return f"### Each pass on its own (three passes forced, bf16, no activation)\n\n{table.markdown()}"
 
 
@@ -476,10 +474,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         write_section(out_md, "GroupNorm", environment_line(command_line()), "\n\n".join(body + tables))
 
     if args.phases:
-        body.append(phase_times())
+        body.append(phase_times(copy_gbs))
         write()
     if args.sweep:
         body.append(sweep_strategies())
+        write()
         body.append(sweep(copy_gbs))
         write()
     if warming is not None:  # before the model step, whose eager timing shares the host's cores

@@ -102,11 +102,13 @@ def test_weight_without_bias(device, silu):
 
 
 # Tiles far smaller than a group: sets of many programs, cut along channels and positions, with
-# ragged last chunks; several groups per tile where groups are small.
+# ragged last chunks; several groups per tile where groups are small; channels_last with several
+# group blocks, channel chunks and position chunks at once (position-major program order).
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "shape,groups,channels_last,tile",
-    [((2, 6, 3, 5), 2, False, 4), ((2, 6, 3, 5), 2, True, 4), ((2, 12, 3, 3), 6, True, 8), ((1, 10, 3, 5), 2, False, 8)],
+    [((2, 6, 3, 5), 2, False, 4), ((2, 6, 3, 5), 2, True, 4), ((2, 12, 3, 3), 6, True, 8), ((1, 10, 3, 5), 2, False, 8),
+     ((2, 128, 1, 5), 2, True, 16)],
 )
 def test_sets_of_many_programs(device, shape, groups, channels_last, tile):
     if not use_triton(torch.empty(0, device=device)):

@@ -70,6 +70,9 @@ MIN_RUN_BYTES = 64
 TWO_PASS_MAX_BYTES = 0
 # Largest set whose programs each combine all its partials in a two-pass launch.
 TWO_PASS_MAX_SET = 256
+# channels_last launches without a barrier number their programs position chunk by position chunk
+# (see _tile_index); the fused launch keeps set order, which its barrier's progress guarantee needs.
+POSITION_MAJOR = True
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -101,14 +104,33 @@ def _chunk_count(kc, ks, CG: tl.constexpr, S, CB: tl.constexpr, SB: tl.constexpr
 
 @triton.jit
 def _tile_index(vid, K, n_gblocks, n_schunks, G, CG: tl.constexpr, S,
-                GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, CL: tl.constexpr):
-    """Where program ``vid`` works: its set, sample, chunk ids, tile channels/positions and mask."""
-    set_id = vid // K
-    k = vid % K
-    n = set_id // n_gblocks
-    g = (set_id % n_gblocks) * GB + tl.arange(0, GB)
-    kc = k // n_schunks
-    ks = k % n_schunks
+                GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, CL: tl.constexpr, POSITION_MAJOR: tl.constexpr):
+    """Where program ``vid`` works: its set, sample, chunk ids, tile channels/positions and mask.
+
+    Programs are numbered set by set, except channels_last launches without a barrier
+    (``POSITION_MAJOR``), which number them position chunk by position chunk: neighbouring programs
+    then read neighbouring channels of the same rows, so whole rows of memory are read together
+    (set by set, each row would be read a tile's few channels at a time, far apart in time).
+    """
+    if POSITION_MAJOR:
+        n_cchunks = K // n_schunks
+        per_sample = n_gblocks * K
+        n = vid // per_sample
+        rest = vid % per_sample
+        ks = rest // (n_gblocks * n_cchunks)
+        rest = rest % (n_gblocks * n_cchunks)
+        kc = rest // n_gblocks
+        gblock = rest % n_gblocks
+        set_id = n * n_gblocks + gblock
+        k = kc * n_schunks + ks
+    else:
+        set_id = vid // K
+        k = vid % K
+        n = set_id // n_gblocks
+        gblock = set_id % n_gblocks
+        kc = k // n_schunks
+        ks = k % n_schunks
+    g = gblock * GB + tl.arange(0, GB)
     cc = kc * CB + tl.arange(0, CB)
     s = ks * SB + tl.arange(0, SB)
     c = g[:, None] * CG + cc[None, :]  # (GB, CB) channel index
@@ -294,9 +316,11 @@ def _forward_kernel(
     CG: tl.constexpr, GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, KB: tl.constexpr, CL: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
     STATS: tl.constexpr, APPLY: tl.constexpr, WAIT: tl.constexpr, LAST: tl.constexpr, COMBINE: tl.constexpr,
+    POSITION_MAJOR: tl.constexpr,
 ):
     vid = _program_id(SYNC, num_sets, WAIT, APPLY and not STATS)
-    set_id, k, n, g, kc, ks, c, cmask, s, mask = _tile_index(vid, K, n_gblocks, n_schunks, G, CG, S, GB, CB, SB, CL)
+    set_id, k, n, g, kc, ks, c, cmask, s, mask = _tile_index(vid, K, n_gblocks, n_schunks, G, CG, S, GB, CB, SB, CL,
+                                                             POSITION_MAJOR)
     part = PART + set_id * K * 2 * GB
     x = tl.load(X + _offsets(n, c, s, sxn, sxc, sxs, CL), mask=mask, other=0.0).to(tl.float32)
     if STATS:
@@ -337,9 +361,11 @@ def _backward_kernel(
     CG: tl.constexpr, GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, KB: tl.constexpr, CL: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, PARAM_GRADS: tl.constexpr,
     STATS: tl.constexpr, APPLY: tl.constexpr, WAIT: tl.constexpr, LAST: tl.constexpr, COMBINE: tl.constexpr,
+    POSITION_MAJOR: tl.constexpr,
 ):
     vid = _program_id(SYNC, num_sets, WAIT, APPLY and not STATS)
-    set_id, k, n, g, kc, ks, c, cmask, s, mask = _tile_index(vid, K, n_gblocks, n_schunks, G, CG, S, GB, CB, SB, CL)
+    set_id, k, n, g, kc, ks, c, cmask, s, mask = _tile_index(vid, K, n_gblocks, n_schunks, G, CG, S, GB, CB, SB, CL,
+                                                             POSITION_MAJOR)
     part = PART + set_id * K * 2 * GB
     mean = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
     rstd = tl.load(RSTD + n * G + g, mask=g < G, other=0.0)
@@ -582,7 +608,8 @@ def forward(
             *x_strides, *y_strides, eps,
             CG=cg, GB=t.groups, CB=t.channels, SB=t.positions, KB=_combine_block(plan), CL=plan.channels_last,
             HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
-            STATS=stats, APPLY=apply, WAIT=wait, LAST=plan.last_combines, COMBINE=combine, num_warps=plan.num_warps,
+            STATS=stats, APPLY=apply, WAIT=wait, LAST=plan.last_combines, COMBINE=combine,
+            POSITION_MAJOR=POSITION_MAJOR and plan.channels_last and not wait, num_warps=plan.num_warps,
         )
     return y, mean, rstd
 
@@ -629,7 +656,8 @@ def backward(
             *x_strides, *dy_strides, *dx_strides,
             CG=cg, GB=t.groups, CB=t.channels, SB=t.positions, KB=_combine_block(plan), CL=plan.channels_last,
             HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, PARAM_GRADS=param_grads,
-            STATS=stats, APPLY=apply, WAIT=wait, LAST=plan.last_combines, COMBINE=combine, num_warps=plan.num_warps,
+            STATS=stats, APPLY=apply, WAIT=wait, LAST=plan.last_combines, COMBINE=combine,
+            POSITION_MAJOR=POSITION_MAJOR and plan.channels_last and not wait, num_warps=plan.num_warps,
         )
     if not param_grads:
         return dx, None, None
