@@ -254,7 +254,7 @@ PHASE_REPEATS = 20
 
 
 def phase_times(copy_gbs: float) -> str:
-    """GPU time of each pass of the three-pass kernels (torch.profiler), beside a copy of x.
+    """GPU time of each pass of the three-pass kernels (torch.profiler), against copy bandwidth.
 
     Forcing three passes separates what a fused launch does in one: the statistics pass (read x, or
     x and dy; reduce) and the apply pass (read again, normalize, write). Each pass's bandwidth is

@@ -496,17 +496,12 @@ class _Plan(NamedTuple):
     n_schunks: int
     per_set: int  # K: programs per set
     num_sets: int
-    strategy: str  # one of STRATEGIES
+    # how a set's programs get the set's statistics (module docstring): "one" (a set of one program),
+    # "fused" (a barrier), "two_pass" or "three_pass"
+    strategy: str
     num_warps: int
     channels_last: bool
     last_combines: bool  # fused sets: the last program to arrive combines the partials
-
-
-#: How a set's programs get the set's statistics (see the module docstring): "one" (a set of one
-#: program), "fused" (one launch, programs meet at a barrier), "two_pass" (a statistics launch, then
-#: an apply launch whose programs each combine their set's partials) and "three_pass" (a combine
-#: launch between the two, for sets too large for every program to read all their partials).
-STRATEGIES = ("one", "fused", "two_pass", "three_pass")
 
 
 def _plan(x: torch.Tensor, x_strides: tuple[int, int, int], num_groups: int, tile: int, reread_bytes: int) -> _Plan:
@@ -553,11 +548,15 @@ def _set_buffers(x: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tens
     return part, sync
 
 
-def _phases(plan: _Plan) -> list[tuple[bool, bool, bool, bool]]:
-    """(STATS, APPLY, WAIT, COMBINE) of each launch; a combine launch runs between three-pass phases."""
+def _phases(plan: _Plan) -> list[tuple[bool, bool, bool, bool, bool]]:
+    """(STATS, APPLY, WAIT, COMBINE, POSITION_MAJOR) of each launch; a combine launch runs between
+    three-pass phases."""
     if plan.strategy in ("one", "fused"):
-        return [(True, True, plan.strategy == "fused", False)]
-    return [(True, False, False, False), (False, True, False, plan.strategy == "two_pass")]
+        fused = plan.strategy == "fused"
+        return [(True, True, fused, False, POSITION_MAJOR and plan.channels_last and not fused)]
+    position_major = POSITION_MAJOR and plan.channels_last
+    return [(True, False, False, False, position_major),
+            (False, True, False, plan.strategy == "two_pass", position_major)]
 
 
 def _combine(part: torch.Tensor, out0: torch.Tensor, out1: torch.Tensor, plan: _Plan, num_groups: int,
@@ -599,7 +598,7 @@ def forward(
     plan = _plan(x, x_strides, num_groups, tile, x.numel() * x.element_size())
     part, sync = _set_buffers(x, plan)
     t = plan.shape
-    for launch, (stats, apply, wait, combine) in enumerate(_phases(plan)):
+    for launch, (stats, apply, wait, combine, position_major) in enumerate(_phases(plan)):
         if launch == 1 and plan.strategy == "three_pass":
             _combine(part, mean, rstd, plan, num_groups, cg, s, eps, forward=True)
         launcher(False)(_forward_kernel)[(plan.num_sets * plan.per_set,)](
@@ -609,7 +608,7 @@ def forward(
             CG=cg, GB=t.groups, CB=t.channels, SB=t.positions, KB=_combine_block(plan), CL=plan.channels_last,
             HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
             STATS=stats, APPLY=apply, WAIT=wait, LAST=plan.last_combines, COMBINE=combine,
-            POSITION_MAJOR=POSITION_MAJOR and plan.channels_last and not wait, num_warps=plan.num_warps,
+            POSITION_MAJOR=position_major, num_warps=plan.num_warps,
         )
     return y, mean, rstd
 
@@ -646,7 +645,7 @@ def backward(
     grads_g, grads_gx = grads.unbind()  # one view op for both halves (each costs host time)
     cpart_dy, cpart_dyx = cpart.unbind()
     t = plan.shape
-    for launch, (stats, apply, wait, combine) in enumerate(_phases(plan)):
+    for launch, (stats, apply, wait, combine, position_major) in enumerate(_phases(plan)):
         if launch == 1 and plan.strategy == "three_pass":
             _combine(part, grads_g, grads_gx, plan, num_groups, cg, s, 0.0, forward=False)
         launcher(False)(_backward_kernel)[(plan.num_sets * plan.per_set,)](
@@ -657,7 +656,7 @@ def backward(
             CG=cg, GB=t.groups, CB=t.channels, SB=t.positions, KB=_combine_block(plan), CL=plan.channels_last,
             HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, PARAM_GRADS=param_grads,
             STATS=stats, APPLY=apply, WAIT=wait, LAST=plan.last_combines, COMBINE=combine,
-            POSITION_MAJOR=POSITION_MAJOR and plan.channels_last and not wait, num_warps=plan.num_warps,
+            POSITION_MAJOR=position_major, num_warps=plan.num_warps,
         )
     if not param_grads:
         return dx, None, None
