@@ -3,7 +3,8 @@ plus a timm ``resnet50_gn`` training step with and without Low Precision GroupNo
 
 Run: ``PYTHONPATH=. python benchmarks/group_norm.py --out OUTDIR`` (writes ``group_norm.md``,
 ``group_norm.json`` and ``group_norm.png`` there, rewritten as each part finishes). ``--dtypes``,
-``--impls``, ``--no-model``, ``--no-norms``, ``--phases`` and ``--sweep`` choose the parts.
+``--impls``, ``--no-model``, ``--no-norms``, ``--phases``, ``--sweep`` and ``--sweep-rows`` choose the
+parts.
 
 Each timed call (forward, or forward + backward through ``torch.autograd.grad``) is captured in a
 CUDA graph and its replays are timed with ``do_bench`` (median, L2 flushed before each replay), so
@@ -259,94 +260,117 @@ def phase_times(copy_gbs: float) -> str:
     Forcing three passes separates what a fused launch does in one: the statistics pass (read x, or
     x and dy; reduce) and the apply pass (read again, normalize, write). Each pass's bandwidth is
     its fewest bytes (stats: 1x forward, 2x backward; apply: 2x and 3x numel x element size) over
-    its time, as a fraction of the copy bandwidth measured in the same run. bf16, no activation;
-    channels_last in both program orders (``POSITION_MAJOR``).
+    its time, as a fraction of the copy bandwidth measured in the same run. bf16, no activation.
     """
     from torch.profiler import ProfilerActivity, profile
 
     from slipstream.ops.kernels import group_norm as kernels
 
-    saved = kernels.TWO_PASS_MAX_BYTES, kernels.TWO_PASS_MAX_SET, kernels.POSITION_MAJOR
-    table = Table(["shape", "G", "layout", "position-major", "fwd stats us (/copy)",
+    saved = kernels.TWO_PASS_MAX_BYTES, kernels.TWO_PASS_MAX_SET
+    table = Table(["shape", "G", "layout", "fwd stats us (/copy)",
                    "fwd apply us (/copy)", "bwd stats us (/copy)", "bwd apply us (/copy)"])
     kernels.TWO_PASS_MAX_BYTES, kernels.TWO_PASS_MAX_SET = 1 << 62, 0
     try:
         for (shape, num_groups), layout in itertools.product(SHAPES, list(LAYOUTS)):
             x, w, b, dy = (t.detach() for t in make_inputs(shape, torch.bfloat16, layout))
             nbytes = x.numel() * x.element_size()
-            for position_major in ([False, True] if layout == "channels_last" else [False]):
-                kernels.POSITION_MAJOR = position_major
 
-                def run():
-                    y, mean, rstd = kernels.forward(x, w, b, num_groups, EPS, False, x.dtype)
-                    kernels.backward(dy, x, w, b, mean, rstd, num_groups, False)
+            def run():
+                y, mean, rstd = kernels.forward(x, w, b, num_groups, EPS, False, x.dtype)
+                kernels.backward(dy, x, w, b, mean, rstd, num_groups, False)
 
-                run()
+            run()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(PHASE_REPEATS):
+                    run()
                 torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(PHASE_REPEATS):
-                        run()
-                    torch.cuda.synchronize()
-                times: dict[str, list[float]] = {}
-                for event in sorted(prof.events(), key=lambda e: e.time_range.start):  # launch order
-                    if event.device_type == torch.autograd.DeviceType.CUDA:
-                        times.setdefault(event.name, []).append(event.device_time_total)
-                fwd, bwd = times.get("_forward_kernel", []), times.get("_backward_kernel", [])
-                if len(fwd) != 2 * PHASE_REPEATS or len(bwd) != 2 * PHASE_REPEATS:  # a set of one program
-                    continue
-                row = [statistics.median(fwd[0::2]), statistics.median(fwd[1::2]),
-                       statistics.median(bwd[0::2]), statistics.median(bwd[1::2])]
-                moved = [1, 2, 2, 3]  # multiples of numel x element size
-                table.add("x".join(map(str, shape)), num_groups, layout, "yes" if position_major else "no",
-                          *[f"{us:.1f} ({gbs(m * nbytes, us / 1e3) / copy_gbs:.0%})" for us, m in zip(row, moved)])
-                print(table.rows[-1], flush=True)
+            times: dict[str, list[float]] = {}
+            for event in sorted(prof.events(), key=lambda e: e.time_range.start):  # launch order
+                if event.device_type == torch.autograd.DeviceType.CUDA:
+                    times.setdefault(event.name, []).append(event.device_time_total)
+            fwd, bwd = times.get("_forward_kernel", []), times.get("_backward_kernel", [])
+            if len(fwd) != 2 * PHASE_REPEATS or len(bwd) != 2 * PHASE_REPEATS:  # a set of one program
+                continue
+            row = [statistics.median(fwd[0::2]), statistics.median(fwd[1::2]),
+                   statistics.median(bwd[0::2]), statistics.median(bwd[1::2])]
+            moved = [1, 2, 2, 3]  # multiples of numel x element size
+            table.add("x".join(map(str, shape)), num_groups, layout,
+                      *[f"{us:.1f} ({gbs(m * nbytes, us / 1e3) / copy_gbs:.0%})" for us, m in zip(row, moved)])
+            print(table.rows[-1], flush=True)
     finally:
-        kernels.TWO_PASS_MAX_BYTES, kernels.TWO_PASS_MAX_SET, kernels.POSITION_MAJOR = saved
+        kernels.TWO_PASS_MAX_BYTES, kernels.TWO_PASS_MAX_SET = saved
     return f"### Each pass on its own (three passes forced, bf16, no activation)\n\n{table.markdown()}"
+
+
+def _kernel_times(shape, num_groups: int, layout: str) -> tuple[float, float]:
+    """Median ms of the forward and the backward kernels alone (bf16, no activation)."""
+    from slipstream.ops.kernels import group_norm as kernels
+
+    x, w, b, dy = (t.detach() for t in make_inputs(shape, torch.bfloat16, layout))
+    y, mean, rstd = kernels.forward(x, w, b, num_groups, EPS, False, x.dtype)
+    return (bench(lambda: kernels.forward(x, w, b, num_groups, EPS, False, x.dtype)),
+            bench(lambda: kernels.backward(dy, x, w, b, mean, rstd, num_groups, False)))
+
+
+def _geomean_gbs(cases: list[tuple[tuple[int, ...], float, float]]) -> float:
+    """Geometric mean of forward + backward effective GB/s over ``(shape, fwd ms, bwd ms)`` (bf16)."""
+    rates = [gbs(5 * math.prod(shape) * 2, fwd + bwd) for shape, fwd, bwd in cases]
+    return math.exp(sum(map(math.log, rates)) / len(rates))
 
 
 def sweep(copy_gbs: float) -> str:
     """Time the kernels under each setting to sweep (bf16, no activation); keep the fastest settings.
 
     Settings are chosen by the geometric mean of forward + backward bandwidth over the benchmark's
-    shapes: threads per program and when the last program of a set combines (all layouts), then the
-    shortest row run of a channels_last tile (channels_last shapes).
+    shapes: threads per program and when the last program of a set combines (all layouts); then
+    :func:`sweep_rows` chooses the shortest row run of a channels_last tile.
     """
     from slipstream.ops.kernels import group_norm as kernels
 
-    def measure(layouts) -> float:
-        rates = []
-        for shape, num_groups in SHAPES:
-            for layout in layouts:
-                x, w, b, dy = (t.detach() for t in make_inputs(shape, torch.bfloat16, layout))
-                y, mean, rstd = kernels.forward(x, w, b, num_groups, EPS, False, x.dtype)
-                ms_f = bench(lambda: kernels.forward(x, w, b, num_groups, EPS, False, x.dtype))
-                ms_b = bench(lambda: kernels.backward(dy, x, w, b, mean, rstd, num_groups, False))
-                rates.append(gbs(5 * x.numel() * x.element_size(), ms_f + ms_b))
-        return math.exp(sum(map(math.log, rates)) / len(rates))
-
-    table = Table(["ELEMENTS_PER_THREAD", "LAST_COMBINE_MIN_PARTIALS", "MIN_RUN_BYTES", "layouts",
-                   "fwd+bwd GB/s (geomean)", "/ copy"])
+    table = Table(["ELEMENTS_PER_THREAD", "LAST_COMBINE_MIN_PARTIALS", "fwd+bwd GB/s (geomean)", "/ copy"])
     best = None
     for threads, combine in SWEEP_THREADS_AND_COMBINE:
         kernels.ELEMENTS_PER_THREAD, kernels.LAST_COMBINE_MIN_PARTIALS = threads, combine
-        rate = measure(list(LAYOUTS))
-        table.add(threads, combine, kernels.MIN_RUN_BYTES, "both", rate, rate / copy_gbs)
+        rate = _geomean_gbs([(shape, *_kernel_times(shape, groups, layout))
+                             for (shape, groups), layout in itertools.product(SHAPES, LAYOUTS)])
+        table.add(threads, combine, rate, rate / copy_gbs)
         print(table.rows[-1], flush=True)
         best = max(best or (rate, threads, combine), (rate, threads, combine))
     kernels.ELEMENTS_PER_THREAD, kernels.LAST_COMBINE_MIN_PARTIALS = best[1], best[2]
-    best_run = None
+    chosen = f"Chosen: ELEMENTS_PER_THREAD={best[1]}, LAST_COMBINE_MIN_PARTIALS={best[2]} (used for everything below)."
+    print(chosen, flush=True)
+    return (f"### Kernel settings sweep (bf16, no activation, kernels alone)\n\n{table.markdown()}\n\n{chosen}\n\n"
+            + sweep_rows(copy_gbs))
+
+
+def sweep_rows(copy_gbs: float) -> str:
+    """Time the channels_last kernels for each shortest row run (``MIN_RUN_BYTES``); keep the fastest.
+
+    bf16, no activation, kernels alone, each benchmark shape; chosen by the geometric mean of
+    forward + backward bandwidth.
+    """
+    from slipstream.ops.kernels import group_norm as kernels
+
+    table = Table(["shape", "G", *[f"{run} B: fwd us / bwd us (/copy)" for run in SWEEP_ROW_BYTES]])
+    by_run = {}
     for run in SWEEP_ROW_BYTES:
         kernels.MIN_RUN_BYTES = run
-        rate = measure(["channels_last"])
-        table.add(best[1], best[2], run, "channels_last", rate, rate / copy_gbs)
-        print(table.rows[-1], flush=True)
-        best_run = max(best_run or (rate, run), (rate, run))
-    kernels.MIN_RUN_BYTES = best_run[1]
-    chosen = (f"Chosen: ELEMENTS_PER_THREAD={best[1]}, LAST_COMBINE_MIN_PARTIALS={best[2]}, "
-              f"MIN_RUN_BYTES={best_run[1]} (used for everything below).")
+        by_run[run] = [(shape, *_kernel_times(shape, groups, "channels_last")) for shape, groups in SHAPES]
+        print(run, by_run[run], flush=True)
+    for i, (shape, groups) in enumerate(SHAPES):
+        cells = []
+        for run in SWEEP_ROW_BYTES:
+            _, fwd, bwd = by_run[run][i]
+            cells.append(f"{1e3 * fwd:.1f} / {1e3 * bwd:.1f} ({_geomean_gbs([by_run[run][i]]) / copy_gbs:.0%})")
+        table.add("x".join(map(str, shape)), groups, *cells)
+    means = {run: _geomean_gbs(cases) for run, cases in by_run.items()}
+    table.add("geomean", "", *[f"{means[run]:.0f} GB/s ({means[run] / copy_gbs:.0%})" for run in SWEEP_ROW_BYTES])
+    kernels.MIN_RUN_BYTES = max(means, key=means.get)
+    chosen = f"Chosen: MIN_RUN_BYTES={kernels.MIN_RUN_BYTES} (used for everything below)."
     print(chosen, flush=True)
-    return f"### Kernel settings sweep (bf16, no activation, kernels alone)\n\n{table.markdown()}\n\n{chosen}"
+    return (f"### Shortest row run of a channels_last tile (bf16, no activation, kernels alone; forward + "
+            f"backward share of copy in brackets)\n\n{table.markdown()}\n\n{chosen}")
 
 
 def time_training_step(model, x, target, steps: int) -> tuple[float, float]:
@@ -447,8 +471,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--no-model", action="store_true", help="skip the resnet50_gn step")
     parser.add_argument("--sweep", action="store_true",
                         help="sweep the kernel strategy and settings first and use the best")
+    parser.add_argument("--sweep-rows", action="store_true",
+                        help="sweep only the shortest row run of channels_last tiles first and use the best")
     parser.add_argument("--phases", action="store_true",
-                        help="time each pass of the kernels on its own first (a profile, three passes forced)")
+                        help="time each pass of the kernels on its own (a profile, three passes forced), after any sweep")
     parser.add_argument("--compile-workers", type=int, default=8, help="processes warming torch.compile's cache")
     args = parser.parse_args(argv)
     dtypes, impls = args.dtypes.split(","), args.impls.split(",")
@@ -473,13 +499,16 @@ def main(argv: Optional[list[str]] = None) -> None:
         tables = [norm_tables(results, copy_gbs)] if results else []
         write_section(out_md, "GroupNorm", environment_line(command_line()), "\n\n".join(body + tables))
 
-    if args.phases:
-        body.append(phase_times(copy_gbs))
-        write()
     if args.sweep:
         body.append(sweep_strategies())
         write()
         body.append(sweep(copy_gbs))
+        write()
+    elif args.sweep_rows:
+        body.append(sweep_rows(copy_gbs))
+        write()
+    if args.phases:
+        body.append(phase_times(copy_gbs))
         write()
     if warming is not None:  # before the model step, whose eager timing shares the host's cores
         pool, pending = warming

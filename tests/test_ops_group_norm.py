@@ -103,12 +103,15 @@ def test_weight_without_bias(device, silu):
 
 # Tiles far smaller than a group: sets of many programs, cut along channels and positions, with
 # ragged last chunks; several groups per tile where groups are small; channels_last with several
-# group blocks, channel chunks and position chunks at once (position-major program order).
+# group blocks, channel chunks and position chunks at once; channels_last rows of whole groups of a
+# width that is not a power of two, the last group block only partly filled; a ragged channel chunk;
+# rows of several whole groups without a channel mask.
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "shape,groups,channels_last,tile",
     [((2, 6, 3, 5), 2, False, 4), ((2, 6, 3, 5), 2, True, 4), ((2, 12, 3, 3), 6, True, 8), ((1, 10, 3, 5), 2, False, 8),
-     ((2, 128, 1, 5), 2, True, 16)],
+     ((2, 128, 1, 5), 2, True, 16), ((2, 35, 4, 3), 7, True, 64), ((2, 20, 3, 5), 1, True, 8),
+     ((2, 32, 4, 4), 8, True, 32)],
 )
 def test_sets_of_many_programs(device, shape, groups, channels_last, tile):
     if not use_triton(torch.empty(0, device=device)):
@@ -120,6 +123,29 @@ def test_sets_of_many_programs(device, shape, groups, channels_last, tile):
         return (y, *kernels.backward(dy, x, weight, bias, mean, rstd, groups, True, tile=tile))
 
     x = make_input(shape, torch.float32, channels_last, device)
+    weight, bias = make_params(shape[1], device)
+    check_against_float64(x, groups, weight, bias, True, run)
+
+
+# channels_last tiles that read whole rows (every group of a sample side by side, as the GPU's
+# MIN_RUN_BYTES sweep may choose): widths that are not a power of two, ragged position chunks.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,groups,tile", [((2, 20, 3, 5), 4, 64), ((1, 48, 5, 3), 6, 128), ((2, 24, 1, 7), 3, 32)])
+def test_channels_last_whole_rows(monkeypatch, device, shape, groups, tile):
+    if not use_triton(torch.empty(0, device=device)):
+        pytest.skip("kernels run on CUDA or under TRITON_INTERPRET=1")
+    from slipstream.ops.kernels import group_norm as kernels
+
+    monkeypatch.setattr(kernels, "MIN_RUN_BYTES", 1 << 20)
+    x = make_input(shape, torch.float32, True, device)
+    plan = kernels._plan(x, kernels._ncs_strides(x), groups, tile, 0)
+    assert plan.n_gblocks == 1 and plan.shape.channels >= shape[1] // groups  # a tile spans whole rows
+    assert plan.per_set > 1
+
+    def run(x, weight, bias, dy):
+        y, mean, rstd = kernels.forward(x, weight, bias, groups, 1e-5, True, x.dtype, tile=tile)
+        return (y, *kernels.backward(dy, x, weight, bias, mean, rstd, groups, True, tile=tile))
+
     weight, bias = make_params(shape[1], device)
     check_against_float64(x, groups, weight, bias, True, run)
 

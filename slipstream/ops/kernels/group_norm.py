@@ -5,7 +5,11 @@ Imported lazily by :mod:`slipstream.ops.group_norm`, only when a kernel is about
 How the work is cut. A (N, C, *spatial) tensor is read as (N, C, S) through its strides, so
 contiguous (NCHW) and channels_last (NHWC) tensors are read and written in place. A group's
 (C/G channels x S positions) plane is cut into tiles of ``GB`` groups x ``CB`` channels x ``SB``
-positions; the tiles covering the same groups of one sample form a *set* of ``K`` programs. Each
+positions; the tiles covering the same groups of one sample form a *set* of ``K`` programs. A
+channels_last tile is held as a 2D (positions, channels) block whose channel axis is one run of
+memory: Triton vectorizes and coalesces a load along one tile axis only, and a 3D (positions,
+groups, channels) tile ran 2-3x slower on the H200 than the same bytes read as 2D rows. Group
+sums and per-group values then go through a small (groups x channels) one-hot mask. Each
 program keeps its tile in registers, writes the group-level partial sums of its tile, and needs the
 whole set's partials before it can write its output. Four ways to get them:
 
@@ -70,15 +74,12 @@ MIN_RUN_BYTES = 64
 TWO_PASS_MAX_BYTES = 0
 # Largest set whose programs each combine all its partials in a two-pass launch.
 TWO_PASS_MAX_SET = 256
-# channels_last launches without a barrier number their programs position chunk by position chunk
-# (see _tile_index); the fused launch keeps set order, which its barrier's progress guarantee needs.
-POSITION_MAJOR = True
 
 
 # ----------------------------------------------------------------------------------------------------
-# Shared device helpers. Tiles are 3D: (groups, channels, positions) for NCHW tensors and
-# (positions, groups, channels) for channels_last ones, so the fastest-varying tile axis is the one
-# that is contiguous in memory and loads stay coalesced and vectorized in both layouts.
+# Shared device helpers. NCHW tiles are 3D (groups, channels, positions); channels_last tiles are 2D
+# (positions, CW channels), channel ``j`` of a tile belonging to the tile's group ``j // CG`` (see
+# the module docstring). Either way the fastest-varying tile axis is contiguous in memory.
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -103,46 +104,41 @@ def _chunk_count(kc, ks, CG: tl.constexpr, S, CB: tl.constexpr, SB: tl.constexpr
 
 
 @triton.jit
-def _tile_index(vid, K, n_gblocks, n_schunks, G, CG: tl.constexpr, S,
-                GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, CL: tl.constexpr, POSITION_MAJOR: tl.constexpr):
-    """Where program ``vid`` works: its set, sample, chunk ids, tile channels/positions and mask.
-
-    Programs are numbered set by set, except channels_last launches without a barrier
-    (``POSITION_MAJOR``), which number them position chunk by position chunk: neighbouring programs
-    then read neighbouring channels of the same rows, so whole rows of memory are read together
-    (set by set, each row would be read a tile's few channels at a time, far apart in time).
-    """
-    if POSITION_MAJOR:
-        n_cchunks = K // n_schunks
-        per_sample = n_gblocks * K
-        n = vid // per_sample
-        rest = vid % per_sample
-        ks = rest // (n_gblocks * n_cchunks)
-        rest = rest % (n_gblocks * n_cchunks)
-        kc = rest // n_gblocks
-        gblock = rest % n_gblocks
-        set_id = n * n_gblocks + gblock
-        k = kc * n_schunks + ks
-    else:
-        set_id = vid // K
-        k = vid % K
-        n = set_id // n_gblocks
-        gblock = set_id % n_gblocks
-        kc = k // n_schunks
-        ks = k % n_schunks
+def _tile_index(vid, K, n_gblocks, n_schunks, G, CG: tl.constexpr, S, GB: tl.constexpr, CB: tl.constexpr,
+                SB: tl.constexpr, CW: tl.constexpr, CL: tl.constexpr, CMASK: tl.constexpr,
+                GMASK: tl.constexpr):
+    """Where program ``vid`` works: its set, sample, groups, chunk ids, tile channels and their mask,
+    positions, the tile's mask, and (channels_last) which of the tile's groups each channel is in."""
+    set_id = vid // K
+    k = vid % K
+    n = set_id // n_gblocks
+    gblock = set_id % n_gblocks
+    kc = k // n_schunks
+    ks = k % n_schunks
     g = gblock * GB + tl.arange(0, GB)
-    cc = kc * CB + tl.arange(0, CB)
     s = ks * SB + tl.arange(0, SB)
-    c = g[:, None] * CG + cc[None, :]  # (GB, CB) channel index
-    cmask = tl.broadcast_to(g[:, None] < G, [GB, CB])
-    if CB > CG or CG % CB != 0:  # only then can a tile run past its group (masks this axis: no vector loads)
-        cmask = cmask & (cc[None, :] < CG)
     smask = s < S
     if CL:
-        mask = smask[:, None, None] & cmask[None, :, :]
+        j = kc * CB + tl.arange(0, CW)  # channel offset from the first channel of the tile's groups
+        c = gblock * GB * CG + j
+        cmask = tl.full([CW], 1, tl.int1)  # constant where possible: keeps loads vectorized
+        if CMASK:
+            cmask = cmask & (j < GB * CG)
+        if GMASK:
+            cmask = cmask & (gblock * GB + j // CG < G)
+        onehot = (j[None, :] // CG) == tl.arange(0, GB)[:, None]  # (GB, CW): channel j is in group i
+        mask = smask[:, None] & cmask[None, :]
     else:
+        cc = kc * CB + tl.arange(0, CB)
+        c = g[:, None] * CG + cc[None, :]  # (GB, CB) channel index
+        cmask = tl.full([GB, CB], 1, tl.int1)
+        if CMASK:
+            cmask = cmask & (cc[None, :] < CG)
+        if GMASK:
+            cmask = cmask & (g[:, None] < G)
+        onehot = cmask  # unused: NCHW tiles keep groups on an axis of their own
         mask = cmask[:, :, None] & smask[None, None, :]
-    return set_id, k, n, g, kc, ks, c, cmask, s, mask
+    return set_id, k, n, g, kc, ks, c, cmask, onehot, s, mask
 
 
 @triton.jit
@@ -152,17 +148,17 @@ def _offsets(n, c, s, stride_n, stride_c, stride_s, CL: tl.constexpr):
     c_off = c.to(tl.int64) * stride_c
     s_off = s.to(tl.int64) * stride_s
     if CL:
-        offs = base + s_off[:, None, None] + c_off[None, :, :]
+        offs = base + s_off[:, None] + c_off[None, :]
     else:
         offs = base + c_off[:, :, None] + s_off[None, None, :]
     return offs
 
 
 @triton.jit
-def _per_group(v, CL: tl.constexpr):
+def _per_group(v, onehot, CL: tl.constexpr):
     """Broadcast a (GB,) vector over a tile."""
     if CL:
-        out = v[None, :, None]
+        out = tl.sum(tl.where(onehot, v[:, None], 0.0), axis=0)[None, :]
     else:
         out = v[:, None, None]
     return out
@@ -170,9 +166,9 @@ def _per_group(v, CL: tl.constexpr):
 
 @triton.jit
 def _per_channel(v, CL: tl.constexpr):
-    """Broadcast a (GB, CB) matrix over a tile."""
+    """Broadcast a per-channel vector ((CW,) or (GB, CB), like the tile's channel index) over a tile."""
     if CL:
-        out = v[None, :, :]
+        out = v[None, :]
     else:
         out = v[:, :, None]
     return out
@@ -180,7 +176,7 @@ def _per_channel(v, CL: tl.constexpr):
 
 @triton.jit
 def _channel_sum(t, CL: tl.constexpr):
-    """Sum a tile over positions: (GB, CB)."""
+    """Sum a tile over positions, per channel."""
     if CL:
         out = tl.sum(t, axis=0)
     else:
@@ -189,16 +185,26 @@ def _channel_sum(t, CL: tl.constexpr):
 
 
 @triton.jit
-def _affine(W, B, c, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, GB: tl.constexpr, CB: tl.constexpr):
+def _group_sum(v, onehot, CL: tl.constexpr):
+    """Sum a per-channel vector over each of the tile's groups: (GB,)."""
+    if CL:
+        out = tl.sum(tl.where(onehot, v[None, :], 0.0), axis=1)
+    else:
+        out = tl.sum(v, axis=1)
+    return out
+
+
+@triton.jit
+def _affine(W, B, c, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     """Per-channel weight and bias of a tile in fp32 (ones and zeros when absent)."""
     if HAS_W:
         w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
     else:
-        w = tl.full([GB, CB], 1.0, tl.float32)
+        w = tl.full(c.shape, 1.0, tl.float32)
     if HAS_B:
         b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
     else:
-        b = tl.zeros([GB, CB], tl.float32)
+        b = tl.zeros(c.shape, tl.float32)
     return w, b
 
 
@@ -313,21 +319,21 @@ def _forward_kernel(
     X, Y, W, B, MEAN, RSTD, PART, SYNC,
     G, S, n_gblocks, n_schunks, K, num_sets,
     sxn, sxc, sxs, syn, syc, sys_, eps,
-    CG: tl.constexpr, GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, KB: tl.constexpr, CL: tl.constexpr,
+    CG: tl.constexpr, GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, CW: tl.constexpr, KB: tl.constexpr,
+    CL: tl.constexpr, CMASK: tl.constexpr, GMASK: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
     STATS: tl.constexpr, APPLY: tl.constexpr, WAIT: tl.constexpr, LAST: tl.constexpr, COMBINE: tl.constexpr,
-    POSITION_MAJOR: tl.constexpr,
 ):
     vid = _program_id(SYNC, num_sets, WAIT, APPLY and not STATS)
-    set_id, k, n, g, kc, ks, c, cmask, s, mask = _tile_index(vid, K, n_gblocks, n_schunks, G, CG, S, GB, CB, SB, CL,
-                                                             POSITION_MAJOR)
+    set_id, k, n, g, kc, ks, c, cmask, onehot, s, mask = _tile_index(vid, K, n_gblocks, n_schunks, G, CG, S, GB, CB,
+                                                                     SB, CW, CL, CMASK, GMASK)
     part = PART + set_id * K * 2 * GB
     x = tl.load(X + _offsets(n, c, s, sxn, sxc, sxs, CL), mask=mask, other=0.0).to(tl.float32)
     if STATS:
         count = _chunk_count(kc, ks, CG, S, CB, SB).to(tl.float32)
-        tile_sum = tl.sum(_channel_sum(x, CL), axis=1)
-        dev = tl.where(mask, x - _per_group(tile_sum / count, CL), 0.0)
-        tile_m2 = tl.sum(_channel_sum(dev * dev, CL), axis=1)
+        tile_sum = _group_sum(_channel_sum(x, CL), onehot, CL)
+        dev = tl.where(mask, x - _per_group(tile_sum / count, onehot, CL), 0.0)
+        tile_m2 = _group_sum(_channel_sum(dev * dev, CL), onehot, CL)
         if WAIT or not APPLY:  # other programs (or the combine launch) need this tile's partials
             j = tl.arange(0, GB)
             tl.store(part + k * 2 * GB + j, tile_sum)
@@ -341,8 +347,9 @@ def _forward_kernel(
         else:
             mean, rstd = _set_values(part, MEAN + n * G, RSTD + n * G, SYNC, set_id, num_sets, k, K, g, G,
                                      n_schunks, CG, S, eps, GB, CB, SB, KB, True, WAIT, LAST, COMBINE)
-        w, b = _affine(W, B, c, cmask, HAS_W, HAS_B, GB, CB)
-        z = (x - _per_group(mean, CL)) * _per_group(rstd, CL) * _per_channel(w, CL) + _per_channel(b, CL)
+        w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
+        scale = _per_group(rstd, onehot, CL) * _per_channel(w, CL)
+        z = (x - _per_group(mean, onehot, CL)) * scale + _per_channel(b, CL)
         if SILU:
             z = z / (1.0 + tl.exp(-z))
         tl.store(Y + _offsets(n, c, s, syn, syc, sys_, CL), z.to(Y.dtype.element_ty), mask=mask)
@@ -358,21 +365,23 @@ def _backward_kernel(
     X, DY, DX, W, B, MEAN, RSTD, GRAD0, GRAD1, PART, CSUM_DY, CSUM_DY_XHAT, SYNC,
     C, G, S, n_gblocks, n_schunks, K, num_sets,
     sxn, sxc, sxs, sdn, sdc, sds, sgn, sgc, sgs,
-    CG: tl.constexpr, GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, KB: tl.constexpr, CL: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, PARAM_GRADS: tl.constexpr,
+    CG: tl.constexpr, GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, CW: tl.constexpr, KB: tl.constexpr,
+    CL: tl.constexpr, CMASK: tl.constexpr, GMASK: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
+    PARAM_GRADS: tl.constexpr,
     STATS: tl.constexpr, APPLY: tl.constexpr, WAIT: tl.constexpr, LAST: tl.constexpr, COMBINE: tl.constexpr,
-    POSITION_MAJOR: tl.constexpr,
 ):
     vid = _program_id(SYNC, num_sets, WAIT, APPLY and not STATS)
-    set_id, k, n, g, kc, ks, c, cmask, s, mask = _tile_index(vid, K, n_gblocks, n_schunks, G, CG, S, GB, CB, SB, CL,
-                                                             POSITION_MAJOR)
+    set_id, k, n, g, kc, ks, c, cmask, onehot, s, mask = _tile_index(vid, K, n_gblocks, n_schunks, G, CG, S, GB, CB,
+                                                                     SB, CW, CL, CMASK, GMASK)
     part = PART + set_id * K * 2 * GB
     mean = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
     rstd = tl.load(RSTD + n * G + g, mask=g < G, other=0.0)
-    w, b = _affine(W, B, c, cmask, HAS_W, HAS_B, GB, CB)
+    w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
     x = tl.load(X + _offsets(n, c, s, sxn, sxc, sxs, CL), mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + _offsets(n, c, s, sdn, sdc, sds, CL), mask=mask, other=0.0).to(tl.float32)
-    xhat = (x - _per_group(mean, CL)) * _per_group(rstd, CL)
+    rstd_t = _per_group(rstd, onehot, CL)
+    xhat = (x - _per_group(mean, onehot, CL)) * rstd_t
     if SILU:  # d silu(z)/dz = sig(z) * (1 + z * (1 - sig(z))), with z recomputed from x
         z = xhat * _per_channel(w, CL) + _per_channel(b, CL)
         sig = 1.0 / (1.0 + tl.exp(-z))
@@ -385,8 +394,8 @@ def _backward_kernel(
             crow = (n * n_schunks + ks).to(tl.int64) * C + c
             tl.store(CSUM_DY + crow, sum_dy, mask=cmask)
             tl.store(CSUM_DY_XHAT + crow, sum_dy_xhat, mask=cmask)
-        group_dy = tl.sum(w * sum_dy, axis=1)
-        group_dy_xhat = tl.sum(w * sum_dy_xhat, axis=1)
+        group_dy = _group_sum(w * sum_dy, onehot, CL)
+        group_dy_xhat = _group_sum(w * sum_dy_xhat, onehot, CL)
         if WAIT or not APPLY:  # other programs (or the combine launch) need this tile's partials
             j = tl.arange(0, GB)
             tl.store(part + k * 2 * GB + j, group_dy)
@@ -398,7 +407,8 @@ def _backward_kernel(
         else:
             mean_g, mean_gx = _set_values(part, GRAD0 + n * G, GRAD1 + n * G, SYNC, set_id, num_sets, k, K, g, G,
                                           n_schunks, CG, S, 0.0, GB, CB, SB, KB, False, WAIT, LAST, COMBINE)
-        dx = (dy * _per_channel(w, CL) - _per_group(mean_g, CL) - xhat * _per_group(mean_gx, CL)) * _per_group(rstd, CL)
+        centred = dy * _per_channel(w, CL) - _per_group(mean_g, onehot, CL)
+        dx = (centred - xhat * _per_group(mean_gx, onehot, CL)) * rstd_t
         tl.store(DX + _offsets(n, c, s, sgn, sgc, sgs, CL), dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -502,6 +512,9 @@ class _Plan(NamedTuple):
     num_warps: int
     channels_last: bool
     last_combines: bool  # fused sets: the last program to arrive combines the partials
+    row_channels: int  # channels_last: channels of a 2D tile's rows (CW), a power of two
+    channel_mask: bool  # a tile can run past its groups' channels (CMASK)
+    group_mask: bool  # a tile can run past the last group (GMASK)
 
 
 def _plan(x: torch.Tensor, x_strides: tuple[int, int, int], num_groups: int, tile: int, reread_bytes: int) -> _Plan:
@@ -534,8 +547,10 @@ def _cached_plan(n: int, c: int, s: int, channels_last: bool, element_size: int,
     elements = shape.groups * shape.channels * shape.positions
     num_warps = max(1, min(16, elements // (32 * elements_per_thread)))
     last_combines = per_set * shape.groups >= last_min_partials
+    row_channels = next_power_of_2(shape.groups * min(shape.channels, cg))
+    channel_mask = shape.channels > cg or cg % shape.channels != 0
     return _Plan(shape, n_gblocks, n_schunks, per_set, n * n_gblocks, strategy, num_warps, channels_last,
-                 last_combines)
+                 last_combines, row_channels, channel_mask, num_groups % shape.groups != 0)
 
 
 def _set_buffers(x: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -548,15 +563,11 @@ def _set_buffers(x: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tens
     return part, sync
 
 
-def _phases(plan: _Plan) -> list[tuple[bool, bool, bool, bool, bool]]:
-    """(STATS, APPLY, WAIT, COMBINE, POSITION_MAJOR) of each launch; a combine launch runs between
-    three-pass phases."""
+def _phases(plan: _Plan) -> list[tuple[bool, bool, bool, bool]]:
+    """(STATS, APPLY, WAIT, COMBINE) of each launch; a combine launch runs between three-pass phases."""
     if plan.strategy in ("one", "fused"):
-        fused = plan.strategy == "fused"
-        return [(True, True, fused, False, POSITION_MAJOR and plan.channels_last and not fused)]
-    position_major = POSITION_MAJOR and plan.channels_last
-    return [(True, False, False, False, position_major),
-            (False, True, False, plan.strategy == "two_pass", position_major)]
+        return [(True, True, plan.strategy == "fused", False)]
+    return [(True, False, False, False), (False, True, False, plan.strategy == "two_pass")]
 
 
 def _combine(part: torch.Tensor, out0: torch.Tensor, out1: torch.Tensor, plan: _Plan, num_groups: int,
@@ -598,17 +609,18 @@ def forward(
     plan = _plan(x, x_strides, num_groups, tile, x.numel() * x.element_size())
     part, sync = _set_buffers(x, plan)
     t = plan.shape
-    for launch, (stats, apply, wait, combine, position_major) in enumerate(_phases(plan)):
+    for launch, (stats, apply, wait, combine) in enumerate(_phases(plan)):
         if launch == 1 and plan.strategy == "three_pass":
             _combine(part, mean, rstd, plan, num_groups, cg, s, eps, forward=True)
         launcher(False)(_forward_kernel)[(plan.num_sets * plan.per_set,)](
             x, y, weight if weight is not None else x, bias if bias is not None else x, mean, rstd, part, sync,
             num_groups, s, plan.n_gblocks, plan.n_schunks, plan.per_set, plan.num_sets,
             *x_strides, *y_strides, eps,
-            CG=cg, GB=t.groups, CB=t.channels, SB=t.positions, KB=_combine_block(plan), CL=plan.channels_last,
+            CG=cg, GB=t.groups, CB=t.channels, SB=t.positions, CW=plan.row_channels, KB=_combine_block(plan),
+            CL=plan.channels_last, CMASK=plan.channel_mask, GMASK=plan.group_mask,
             HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
             STATS=stats, APPLY=apply, WAIT=wait, LAST=plan.last_combines, COMBINE=combine,
-            POSITION_MAJOR=position_major, num_warps=plan.num_warps,
+            num_warps=plan.num_warps,
         )
     return y, mean, rstd
 
@@ -645,7 +657,7 @@ def backward(
     grads_g, grads_gx = grads.unbind()  # one view op for both halves (each costs host time)
     cpart_dy, cpart_dyx = cpart.unbind()
     t = plan.shape
-    for launch, (stats, apply, wait, combine, position_major) in enumerate(_phases(plan)):
+    for launch, (stats, apply, wait, combine) in enumerate(_phases(plan)):
         if launch == 1 and plan.strategy == "three_pass":
             _combine(part, grads_g, grads_gx, plan, num_groups, cg, s, 0.0, forward=False)
         launcher(False)(_backward_kernel)[(plan.num_sets * plan.per_set,)](
@@ -653,10 +665,12 @@ def backward(
             grads_g, grads_gx, part, cpart_dy, cpart_dyx, sync,
             c, num_groups, s, plan.n_gblocks, plan.n_schunks, plan.per_set, plan.num_sets,
             *x_strides, *dy_strides, *dx_strides,
-            CG=cg, GB=t.groups, CB=t.channels, SB=t.positions, KB=_combine_block(plan), CL=plan.channels_last,
-            HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, PARAM_GRADS=param_grads,
+            CG=cg, GB=t.groups, CB=t.channels, SB=t.positions, CW=plan.row_channels, KB=_combine_block(plan),
+            CL=plan.channels_last, CMASK=plan.channel_mask, GMASK=plan.group_mask,
+            HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
+            PARAM_GRADS=param_grads,
             STATS=stats, APPLY=apply, WAIT=wait, LAST=plan.last_combines, COMBINE=combine,
-            POSITION_MAJOR=position_major, num_warps=plan.num_warps,
+            num_warps=plan.num_warps,
         )
     if not param_grads:
         return dx, None, None
