@@ -4,7 +4,7 @@ plus a timm ``resnet50_gn`` training step with and without Low Precision GroupNo
 Run: ``PYTHONPATH=. python benchmarks/group_norm.py --out OUTDIR`` (writes ``group_norm.md``,
 ``group_norm.json`` and ``group_norm.png`` there, rewritten as each part finishes). ``--dtypes``,
 ``--impls``, ``--no-model``, ``--no-norms``, ``--phases``, ``--sweep`` and ``--sweep-rows`` choose the
-parts.
+parts; ``--settings NAME=INT,...`` overrides kernel settings.
 
 Each timed call (forward, or forward + backward through ``torch.autograd.grad``) is captured in a
 CUDA graph and its replays are timed with ``do_bench`` (median, L2 flushed before each replay), so
@@ -462,6 +462,17 @@ def plot(results: list[dict], copy_gbs: float, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def apply_settings(text: str) -> None:
+    """Set kernel module constants from ``"NAME=INT,NAME=INT"`` (``--settings``)."""
+    from slipstream.ops.kernels import group_norm as kernels
+
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        if not name.isupper() or not isinstance(getattr(kernels, name, None), int):
+            raise SystemExit(f"--settings: {name!r} is not an integer setting of {kernels.__name__}")
+        setattr(kernels, name, int(value))
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="folder for group_norm.md/.json/.png")
@@ -475,9 +486,13 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="sweep only the shortest row run of channels_last tiles first and use the best")
     parser.add_argument("--phases", action="store_true",
                         help="time each pass of the kernels on its own (a profile, three passes forced), after any sweep")
+    parser.add_argument("--settings", default="",
+                        help="comma list of NAME=INT kernel settings (module constants of "
+                             "slipstream.ops.kernels.group_norm) to use instead of the defaults")
     parser.add_argument("--compile-workers", type=int, default=8, help="processes warming torch.compile's cache")
     args = parser.parse_args(argv)
     dtypes, impls = args.dtypes.split(","), args.impls.split(",")
+    apply_settings(args.settings)
     torch._dynamo.config.cache_size_limit = 256  # one static compile per case
     warming = None
     if not args.no_norms and "compile" in impls and args.compile_workers > 0:

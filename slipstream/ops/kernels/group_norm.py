@@ -9,7 +9,8 @@ positions; the tiles covering the same groups of one sample form a *set* of ``K`
 channels_last tile is held as a 2D (positions, channels) block whose channel axis is one run of
 memory: Triton vectorizes and coalesces a load along one tile axis only, and a 3D (positions,
 groups, channels) tile ran 2-3x slower on the H200 than the same bytes read as 2D rows. Group
-sums and per-group values then go through a small (groups x channels) one-hot mask. Each
+sums and per-group values then go through a reshape to (groups, channels) where a row is whole
+groups of a power-of-two width, else through a (groups x channels) one-hot mask. Each
 program keeps its tile in registers, writes the group-level partial sums of its tile, and needs the
 whole set's partials before it can write its output. Four ways to get them:
 
@@ -155,10 +156,13 @@ def _offsets(n, c, s, stride_n, stride_c, stride_s, CL: tl.constexpr):
 
 
 @triton.jit
-def _per_group(v, onehot, CL: tl.constexpr):
+def _per_group(v, onehot, GB: tl.constexpr, CG: tl.constexpr, CW: tl.constexpr, CL: tl.constexpr):
     """Broadcast a (GB,) vector over a tile."""
     if CL:
-        out = tl.sum(tl.where(onehot, v[:, None], 0.0), axis=0)[None, :]
+        if CW == GB * CG:  # rows of whole groups, no padding: each group's value repeated CG times
+            out = tl.reshape(tl.broadcast_to(v[:, None], (GB, CG)), (CW,))[None, :]
+        else:  # through the one-hot mask: O(GB x CW) work, wasteful only for many groups
+            out = tl.sum(tl.where(onehot, v[:, None], 0.0), axis=0)[None, :]
     else:
         out = v[:, None, None]
     return out
@@ -185,10 +189,13 @@ def _channel_sum(t, CL: tl.constexpr):
 
 
 @triton.jit
-def _group_sum(v, onehot, CL: tl.constexpr):
+def _group_sum(v, onehot, GB: tl.constexpr, CG: tl.constexpr, CW: tl.constexpr, CL: tl.constexpr):
     """Sum a per-channel vector over each of the tile's groups: (GB,)."""
     if CL:
-        out = tl.sum(tl.where(onehot, v[None, :], 0.0), axis=1)
+        if CW == GB * CG:
+            out = tl.sum(tl.reshape(v, (GB, CG)), axis=1)
+        else:
+            out = tl.sum(tl.where(onehot, v[None, :], 0.0), axis=1)
     else:
         out = tl.sum(v, axis=1)
     return out
@@ -331,9 +338,9 @@ def _forward_kernel(
     x = tl.load(X + _offsets(n, c, s, sxn, sxc, sxs, CL), mask=mask, other=0.0).to(tl.float32)
     if STATS:
         count = _chunk_count(kc, ks, CG, S, CB, SB).to(tl.float32)
-        tile_sum = _group_sum(_channel_sum(x, CL), onehot, CL)
-        dev = tl.where(mask, x - _per_group(tile_sum / count, onehot, CL), 0.0)
-        tile_m2 = _group_sum(_channel_sum(dev * dev, CL), onehot, CL)
+        tile_sum = _group_sum(_channel_sum(x, CL), onehot, GB, CG, CW, CL)
+        dev = tl.where(mask, x - _per_group(tile_sum / count, onehot, GB, CG, CW, CL), 0.0)
+        tile_m2 = _group_sum(_channel_sum(dev * dev, CL), onehot, GB, CG, CW, CL)
         if WAIT or not APPLY:  # other programs (or the combine launch) need this tile's partials
             j = tl.arange(0, GB)
             tl.store(part + k * 2 * GB + j, tile_sum)
@@ -348,8 +355,8 @@ def _forward_kernel(
             mean, rstd = _set_values(part, MEAN + n * G, RSTD + n * G, SYNC, set_id, num_sets, k, K, g, G,
                                      n_schunks, CG, S, eps, GB, CB, SB, KB, True, WAIT, LAST, COMBINE)
         w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
-        scale = _per_group(rstd, onehot, CL) * _per_channel(w, CL)
-        z = (x - _per_group(mean, onehot, CL)) * scale + _per_channel(b, CL)
+        scale = _per_group(rstd, onehot, GB, CG, CW, CL) * _per_channel(w, CL)
+        z = (x - _per_group(mean, onehot, GB, CG, CW, CL)) * scale + _per_channel(b, CL)
         if SILU:
             z = z / (1.0 + tl.exp(-z))
         tl.store(Y + _offsets(n, c, s, syn, syc, sys_, CL), z.to(Y.dtype.element_ty), mask=mask)
@@ -380,8 +387,8 @@ def _backward_kernel(
     w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
     x = tl.load(X + _offsets(n, c, s, sxn, sxc, sxs, CL), mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + _offsets(n, c, s, sdn, sdc, sds, CL), mask=mask, other=0.0).to(tl.float32)
-    rstd_t = _per_group(rstd, onehot, CL)
-    xhat = (x - _per_group(mean, onehot, CL)) * rstd_t
+    rstd_t = _per_group(rstd, onehot, GB, CG, CW, CL)
+    xhat = (x - _per_group(mean, onehot, GB, CG, CW, CL)) * rstd_t
     if SILU:  # d silu(z)/dz = sig(z) * (1 + z * (1 - sig(z))), with z recomputed from x
         z = xhat * _per_channel(w, CL) + _per_channel(b, CL)
         sig = 1.0 / (1.0 + tl.exp(-z))
@@ -394,8 +401,8 @@ def _backward_kernel(
             crow = (n * n_schunks + ks).to(tl.int64) * C + c
             tl.store(CSUM_DY + crow, sum_dy, mask=cmask)
             tl.store(CSUM_DY_XHAT + crow, sum_dy_xhat, mask=cmask)
-        group_dy = _group_sum(w * sum_dy, onehot, CL)
-        group_dy_xhat = _group_sum(w * sum_dy_xhat, onehot, CL)
+        group_dy = _group_sum(w * sum_dy, onehot, GB, CG, CW, CL)
+        group_dy_xhat = _group_sum(w * sum_dy_xhat, onehot, GB, CG, CW, CL)
         if WAIT or not APPLY:  # other programs (or the combine launch) need this tile's partials
             j = tl.arange(0, GB)
             tl.store(part + k * 2 * GB + j, group_dy)
@@ -407,8 +414,8 @@ def _backward_kernel(
         else:
             mean_g, mean_gx = _set_values(part, GRAD0 + n * G, GRAD1 + n * G, SYNC, set_id, num_sets, k, K, g, G,
                                           n_schunks, CG, S, 0.0, GB, CB, SB, KB, False, WAIT, LAST, COMBINE)
-        centred = dy * _per_channel(w, CL) - _per_group(mean_g, onehot, CL)
-        dx = (centred - xhat * _per_group(mean_gx, onehot, CL)) * rstd_t
+        centred = dy * _per_channel(w, CL) - _per_group(mean_g, onehot, GB, CG, CW, CL)
+        dx = (centred - xhat * _per_group(mean_gx, onehot, GB, CG, CW, CL)) * rstd_t
         tl.store(DX + _offsets(n, c, s, sgn, sgc, sgs, CL), dx.to(DX.dtype.element_ty), mask=mask)
 
 
