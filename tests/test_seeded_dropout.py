@@ -229,7 +229,9 @@ def test_seed_stream_state_and_replay_bounds():
 # ----- torch.compile --------------------------------------------------------------------------------
 
 
-def test_compiles_without_graph_breaks_or_recompiles_and_matches_eager():
+# Inductor too: the default backend users get, which must compile the dropout path in seconds on CPU
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiles_without_graph_breaks_or_recompiles_and_matches_eager(backend):
     model = nn.Sequential(nn.Linear(10, 10), SeededDropout(0.3, seed=5), nn.Linear(10, 10), SeededDropout(0.3, seed=6))
     x = torch.randn(6, 10, requires_grad=True)
     state = snapshot(model)
@@ -240,7 +242,7 @@ def test_compiles_without_graph_breaks_or_recompiles_and_matches_eager():
     (ref,) = torch.autograd.grad(eager[0], x, dy)
     restore(model, state)
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
     with torch._dynamo.config.patch(error_on_recompile=True):
         outs = [compiled(x) for _ in range(3)]
     assert all(torch.equal(a, b) for a, b in zip(outs, eager))
