@@ -4,7 +4,8 @@ plus a timm ``resnet50_gn`` training step with and without Low Precision GroupNo
 Run: ``PYTHONPATH=. python benchmarks/group_norm.py --out OUTDIR`` (writes ``group_norm.md``,
 ``group_norm.json`` and ``group_norm.png`` there, rewritten as each part finishes). ``--dtypes``,
 ``--impls``, ``--no-model``, ``--no-norms``, ``--phases``, ``--sweep`` and ``--sweep-rows`` choose the
-parts; ``--settings NAME=INT,...`` overrides kernel settings.
+parts; ``--settings NAME=INT,...`` overrides kernel settings and ``--sweep-setting NAME=V1,V2,...``
+times each value of one.
 
 Each timed call (forward, or forward + backward through ``torch.autograd.grad``) is captured in a
 CUDA graph and its replays are timed with ``do_bench`` (median, L2 flushed before each replay), so
@@ -345,32 +346,49 @@ def sweep(copy_gbs: float) -> str:
 
 
 def sweep_rows(copy_gbs: float) -> str:
-    """Time the channels_last kernels for each shortest row run (``MIN_RUN_BYTES``); keep the fastest.
+    """:func:`sweep_setting` of the shortest row run of a channels_last tile, on channels_last inputs."""
+    return sweep_setting(copy_gbs, "MIN_RUN_BYTES", SWEEP_ROW_BYTES, ["channels_last"])
 
-    bf16, no activation, kernels alone, each benchmark shape; chosen by the geometric mean of
-    forward + backward bandwidth.
+
+def sweep_setting(copy_gbs: float, name: str, values: list[int], layouts: list[str]) -> str:
+    """Time the kernels under each value of the kernel setting ``name``; keep the fastest value.
+
+    bf16, no activation, kernels alone, each benchmark shape in each of ``layouts``; a table of every
+    case's forward and backward times, and the value chosen by the geometric mean of forward +
+    backward bandwidth.
     """
     from slipstream.ops.kernels import group_norm as kernels
 
-    table = Table(["shape", "G", *[f"{run} B: fwd us / bwd us (/copy)" for run in SWEEP_ROW_BYTES]])
-    by_run = {}
-    for run in SWEEP_ROW_BYTES:
-        kernels.MIN_RUN_BYTES = run
-        by_run[run] = [(shape, *_kernel_times(shape, groups, "channels_last")) for shape, groups in SHAPES]
-        print(run, by_run[run], flush=True)
-    for i, (shape, groups) in enumerate(SHAPES):
+    cases = [(shape, groups, layout) for (shape, groups), layout in itertools.product(SHAPES, layouts)]
+    by_value = {}
+    for value in values:
+        setattr(kernels, name, value)
+        by_value[value] = [(shape, *_kernel_times(shape, groups, layout)) for shape, groups, layout in cases]
+        print(name, value, by_value[value], flush=True)
+    table = Table(["shape", "G", "layout", *[f"{value}: fwd us / bwd us (/copy)" for value in values]])
+    for i, (shape, groups, layout) in enumerate(cases):
         cells = []
-        for run in SWEEP_ROW_BYTES:
-            _, fwd, bwd = by_run[run][i]
-            cells.append(f"{1e3 * fwd:.1f} / {1e3 * bwd:.1f} ({_geomean_gbs([by_run[run][i]]) / copy_gbs:.0%})")
-        table.add("x".join(map(str, shape)), groups, *cells)
-    means = {run: _geomean_gbs(cases) for run, cases in by_run.items()}
-    table.add("geomean", "", *[f"{means[run]:.0f} GB/s ({means[run] / copy_gbs:.0%})" for run in SWEEP_ROW_BYTES])
-    kernels.MIN_RUN_BYTES = max(means, key=means.get)
-    chosen = f"Chosen: MIN_RUN_BYTES={kernels.MIN_RUN_BYTES} (used for everything below)."
+        for value in values:
+            _, fwd, bwd = by_value[value][i]
+            cells.append(f"{1e3 * fwd:.1f} / {1e3 * bwd:.1f} ({_geomean_gbs([by_value[value][i]]) / copy_gbs:.0%})")
+        table.add("x".join(map(str, shape)), groups, layout, *cells)
+    means = {value: _geomean_gbs(timed) for value, timed in by_value.items()}
+    table.add("geomean", "", "", *[f"{means[value]:.0f} GB/s ({means[value] / copy_gbs:.0%})" for value in values])
+    best = max(means, key=means.get)
+    setattr(kernels, name, best)
+    chosen = f"Chosen: {name}={best} (used for everything below)."
     print(chosen, flush=True)
-    return (f"### Shortest row run of a channels_last tile (bf16, no activation, kernels alone; forward + "
-            f"backward share of copy in brackets)\n\n{table.markdown()}\n\n{chosen}")
+    return (f"### {name} (bf16, no activation, kernels alone; forward + backward share of copy in brackets)\n\n"
+            f"{table.markdown()}\n\n{chosen}")
+
+
+def _setting_values(text: str) -> tuple[str, list[int]]:
+    """``"NAME=V1,V2"`` (``--sweep-setting``) as ``(NAME, [V1, V2])``."""
+    name, _, values = text.partition("=")
+    try:
+        return name, [int(v) for v in values.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sweep-setting: {text!r} is not NAME=INT,INT,...") from None
 
 
 def time_training_step(model, x, target, steps: int) -> tuple[float, float]:
@@ -484,6 +502,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="sweep the kernel strategy and settings first and use the best")
     parser.add_argument("--sweep-rows", action="store_true",
                         help="sweep only the shortest row run of channels_last tiles first and use the best")
+    parser.add_argument("--sweep-setting", type=_setting_values, action="append", default=[],
+                        metavar="NAME=V1,V2,...",
+                        help="time the kernels (both layouts) under each value of a kernel setting first and "
+                             "use the best; may repeat")
     parser.add_argument("--phases", action="store_true",
                         help="time each pass of the kernels on its own (a profile, three passes forced), after any sweep")
     parser.add_argument("--settings", default="",
@@ -521,6 +543,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         write()
     elif args.sweep_rows:
         body.append(sweep_rows(copy_gbs))
+        write()
+    for name, values in args.sweep_setting:
+        apply_settings(f"{name}={values[0]}")  # checks the name
+        body.append(sweep_setting(copy_gbs, name, values, list(LAYOUTS)))
         write()
     if args.phases:
         body.append(phase_times(copy_gbs))

@@ -598,12 +598,13 @@ def forward(
     eps: float,
     silu: bool,
     out_dtype: torch.dtype,
-    tile: int = FORWARD_TILE,
+    tile: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GroupNorm (then SiLU if ``silu``) of ``x``: returns ``(y, mean, rstd)``, statistics fp32 (N, G).
 
     ``y`` has ``x``'s shape and memory layout and dtype ``out_dtype``. ``tile`` bounds the elements per
-    program (tests shrink it to exercise multi-program sets on small inputs).
+    program (default ``FORWARD_TILE``, read at call time; tests shrink it to exercise multi-program
+    sets on small inputs).
     """
     x, x_strides = _flattened(x)
     n, c = x.shape[:2]
@@ -613,7 +614,7 @@ def forward(
     y_strides = _ncs_strides(y)
     mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    plan = _plan(x, x_strides, num_groups, tile, x.numel() * x.element_size())
+    plan = _plan(x, x_strides, num_groups, tile or FORWARD_TILE, x.numel() * x.element_size())
     part, sync = _set_buffers(x, plan)
     t = plan.shape
     for launch, (stats, apply, wait, combine) in enumerate(_phases(plan)):
@@ -641,11 +642,11 @@ def backward(
     rstd: torch.Tensor,
     num_groups: int,
     silu: bool,
-    tile: int = BACKWARD_TILE,
+    tile: Optional[int] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients ``(dx, dweight, dbias)`` of :func:`forward`; ``dx`` has ``x``'s layout and dtype.
 
-    ``dweight``/``dbias`` are None when ``weight``/``bias`` is None.
+    ``dweight``/``dbias`` are None when ``weight``/``bias`` is None; ``tile`` defaults to ``BACKWARD_TILE``.
     """
     x, x_strides = _flattened(x)
     dy, dy_strides = _flattened(dy)
@@ -654,7 +655,7 @@ def backward(
     cg = c // num_groups
     dx = torch.empty_like(x)
     dx_strides = _ncs_strides(dx)
-    plan = _plan(x, x_strides, num_groups, tile, 2 * x.numel() * x.element_size())
+    plan = _plan(x, x_strides, num_groups, tile or BACKWARD_TILE, 2 * x.numel() * x.element_size())
     part, sync = _set_buffers(x, plan)
     param_grads = weight is not None or bias is not None
     # per-channel sums of dy' and dy'*xhat for each (sample, position chunk): (2, N, n_schunks, C)
