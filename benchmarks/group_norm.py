@@ -484,10 +484,11 @@ def apply_settings(text: str) -> None:
     """Set kernel module constants from ``"NAME=INT,NAME=INT"`` (``--settings``)."""
     from slipstream.ops.kernels import group_norm as kernels
 
+    allowed = sorted(name for name, value in vars(kernels).items() if name.isupper() and type(value) is int)
     for item in filter(None, text.split(",")):
         name, _, value = item.partition("=")
-        if not name.isupper() or not isinstance(getattr(kernels, name, None), int):
-            raise SystemExit(f"--settings: {name!r} is not an integer setting of {kernels.__name__}")
+        if name not in allowed or not value.lstrip("-").isdigit():
+            raise SystemExit(f"--settings: {item!r} is not NAME=INT with NAME one of {', '.join(allowed)}")
         setattr(kernels, name, int(value))
 
 
