@@ -5,7 +5,8 @@ Run: ``PYTHONPATH=. python benchmarks/group_norm.py --out OUTDIR`` (writes ``gro
 ``group_norm.json`` and ``group_norm.png`` there, rewritten as each part finishes). ``--dtypes``,
 ``--impls``, ``--no-model``, ``--no-norms``, ``--phases``, ``--sweep`` and ``--sweep-rows`` choose the
 parts; ``--settings NAME=INT,...`` overrides kernel settings and ``--sweep-setting NAME=V1,V2,...``
-times each value of one.
+times each value of one. ``--run-case SHAPE:G:LAYOUT:DTYPE`` only runs one case's kernels, for a
+profiler such as Nsight Compute (see :func:`run_case`).
 
 Each timed call (forward, or forward + backward through ``torch.autograd.grad``) is captured in a
 CUDA graph and its replays are timed with ``do_bench`` (median, L2 flushed before each replay), so
@@ -480,6 +481,36 @@ def plot(results: list[dict], copy_gbs: float, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def parse_case(text: str) -> tuple[tuple[int, ...], int, str, str]:
+    """``"16x256x64x64:32:channels_last:bf16"`` (``--run-case``) as ``(shape, groups, layout, dtype)``."""
+    try:
+        shape_text, groups, layout, dtype = text.split(":")
+        shape = tuple(int(d) for d in shape_text.split("x"))
+        groups = int(groups)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--run-case: {text!r} is not SHAPE:G:LAYOUT:DTYPE, e.g. "
+                                         "16x256x64x64:32:channels_last:bf16") from None
+    if len(shape) < 3 or layout not in LAYOUTS or dtype not in DTYPES or shape[1] % groups:
+        raise argparse.ArgumentTypeError(f"--run-case: {text!r}: SHAPE is N x C x spatial dims, G divides C, LAYOUT "
+                                         f"one of {', '.join(LAYOUTS)}, DTYPE one of {', '.join(DTYPES)}")
+    return shape, groups, layout, dtype
+
+
+def run_case(case: tuple[tuple[int, ...], int, str, str], repeats: int = 3) -> None:
+    """Run one case's forward and backward kernels ``repeats`` times, plainly (no CUDA graph, no
+    timing): a target for Nsight Compute, e.g.
+    ``ncu --clock-control none --kernel-name regex:_forward_kernel|_backward_kernel --launch-skip 2
+    python benchmarks/group_norm.py --run-case 16x256x64x64:32:channels_last:bf16``."""
+    from slipstream.ops.kernels import group_norm as kernels
+
+    shape, num_groups, layout, dtype = case
+    x, w, b, dy = (t.detach() for t in make_inputs(shape, DTYPES[dtype], layout))
+    for _ in range(repeats):
+        y, mean, rstd = kernels.forward(x, w, b, num_groups, EPS, False, x.dtype)
+        kernels.backward(dy, x, w, b, mean, rstd, num_groups, False)
+    torch.cuda.synchronize()
+
+
 def apply_settings(text: str) -> None:
     """Set kernel module constants from ``"NAME=INT,NAME=INT"`` (``--settings``)."""
     from slipstream.ops.kernels import group_norm as kernels
@@ -508,14 +539,20 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="time the kernels (both layouts) under each value of a kernel setting first and "
                              "use the best; may repeat")
     parser.add_argument("--phases", action="store_true",
-                        help="time each pass of the kernels on its own (a profile, three passes forced), after any sweep")
+                        help="time each pass of the kernels on its own (a profile, three passes forced), "
+                             "after any sweep")
     parser.add_argument("--settings", default="",
                         help="comma list of NAME=INT kernel settings (module constants of "
                              "slipstream.ops.kernels.group_norm) to use instead of the defaults")
+    parser.add_argument("--run-case", type=parse_case, metavar="SHAPE:G:LAYOUT:DTYPE",
+                        help="only run this case's kernels a few times (bf16 or fp32, no activation), for a profiler")
     parser.add_argument("--compile-workers", type=int, default=8, help="processes warming torch.compile's cache")
     args = parser.parse_args(argv)
     dtypes, impls = args.dtypes.split(","), args.impls.split(",")
     apply_settings(args.settings)
+    if args.run_case:
+        run_case(args.run_case)
+        return
     torch._dynamo.config.cache_size_limit = 256  # one static compile per case
     warming = None
     if not args.no_norms and "compile" in impls and args.compile_workers > 0:

@@ -53,3 +53,15 @@ def test_sweep_setting_keeps_the_value_with_the_best_geometric_mean(restore_sett
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 2 * len(bench.SHAPES) + 1  # header, every shape in both layouts, geomean
     assert "10.0 / 10.0" in rows[1] and "20.0 / 20.0" in rows[1]  # 2048's and 8192's cells of case one
+
+
+def test_run_case_parses_shape_groups_layout_and_dtype():
+    assert bench.parse_case("16x256x64x64:32:channels_last:bf16") == ((16, 256, 64, 64), 32, "channels_last", "bf16")
+
+
+@pytest.mark.parametrize("text", ["16x256x64x64:32:channels_last", "16x256x64x64:30:contiguous:bf16",
+                                  "16x256:32:contiguous:bf16", "16x256x64x64:32:nhwc:bf16",
+                                  "16x256x64x64:32:contiguous:int8"])
+def test_run_case_rejects_malformed_cases(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="--run-case"):
+        bench.parse_case(text)
