@@ -101,6 +101,18 @@ def test_weight_without_bias(device, silu):
     check_against_float64(x, 3, weight, bias, silu, run_public(3, silu))
 
 
+def check_kernels_at_tile(x, groups, tile):
+    """The kernels' forward and backward (SiLU fused) with at most ``tile`` elements a program, against float64."""
+    from slipstream.ops.kernels import group_norm as kernels
+
+    def run(x, weight, bias, dy):
+        y, mean, rstd = kernels.forward(x, weight, bias, groups, 1e-5, True, x.dtype, tile=tile)
+        return (y, *kernels.backward(dy, x, weight, bias, mean, rstd, groups, True, tile=tile))
+
+    weight, bias = make_params(x.shape[1], x.device)
+    check_against_float64(x, groups, weight, bias, True, run)
+
+
 # Tiles far smaller than a group: sets of many programs, cut along channels and positions, with
 # ragged last chunks; several groups per tile where groups are small; channels_last with several
 # group blocks, channel chunks and position chunks at once; channels_last rows of whole groups of a
@@ -116,15 +128,7 @@ def test_weight_without_bias(device, silu):
 def test_sets_of_many_programs(device, shape, groups, channels_last, tile):
     if not use_triton(torch.empty(0, device=device)):
         pytest.skip("kernels run on CUDA or under TRITON_INTERPRET=1")
-    from slipstream.ops.kernels import group_norm as kernels
-
-    def run(x, weight, bias, dy):
-        y, mean, rstd = kernels.forward(x, weight, bias, groups, 1e-5, True, x.dtype, tile=tile)
-        return (y, *kernels.backward(dy, x, weight, bias, mean, rstd, groups, True, tile=tile))
-
-    x = make_input(shape, torch.float32, channels_last, device)
-    weight, bias = make_params(shape[1], device)
-    check_against_float64(x, groups, weight, bias, True, run)
+    check_kernels_at_tile(make_input(shape, torch.float32, channels_last, device), groups, tile)
 
 
 # channels_last tiles that read whole rows (every group of a sample side by side, as the GPU's
@@ -141,13 +145,7 @@ def test_channels_last_whole_rows(monkeypatch, device, shape, groups, tile):
     plan = kernels._plan(x, kernels._ncs_strides(x), groups, tile, 0)
     assert plan.n_gblocks == 1 and plan.shape.channels >= shape[1] // groups  # a tile spans whole rows
     assert plan.per_set > 1
-
-    def run(x, weight, bias, dy):
-        y, mean, rstd = kernels.forward(x, weight, bias, groups, 1e-5, True, x.dtype, tile=tile)
-        return (y, *kernels.backward(dy, x, weight, bias, mean, rstd, groups, True, tile=tile))
-
-    weight, bias = make_params(shape[1], device)
-    check_against_float64(x, groups, weight, bias, True, run)
+    check_kernels_at_tile(x, groups, tile)
 
 
 # The same small sets through each multi-program strategy: two passes (each apply program combines
@@ -170,13 +168,7 @@ def test_each_multi_program_strategy(monkeypatch, device, strategy, channels_las
     x = make_input(shape, torch.bfloat16, channels_last, device)
     plan = kernels._plan(x, kernels._ncs_strides(x), groups, tile, x.numel() * x.element_size())
     assert plan.strategy == strategy and plan.per_set > 1
-
-    def run(x, weight, bias, dy):
-        y, mean, rstd = kernels.forward(x, weight, bias, groups, 1e-5, True, x.dtype, tile=tile)
-        return (y, *kernels.backward(dy, x, weight, bias, mean, rstd, groups, True, tile=tile))
-
-    weight, bias = make_params(shape[1], device)
-    check_against_float64(x, groups, weight, bias, True, run)
+    check_kernels_at_tile(x, groups, tile)
 
 
 @pytest.mark.parametrize("device", DEVICES)
