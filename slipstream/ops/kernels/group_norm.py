@@ -53,11 +53,13 @@ from slipstream.ops.kernels.host_math import cdiv, next_power_of_2
 
 __all__ = ["forward", "backward", "TileShape", "tile_shape"]
 
-# Elements per tile: forward keeps x in registers, backward keeps x and dy.
+# Elements per tile: forward keeps x in registers, backward keeps x and dy. Half and double these
+# were within 2% of them on the H200 (`benchmarks/group_norm.py --sweep-setting`, docs/benchmarks.md).
 FORWARD_TILE = 8192
 BACKWARD_TILE = 4096
 # Elements each thread holds; sets the warps per program. This and the next two constants are the
-# fastest of the settings `benchmarks/group_norm.py --sweep` tried on an H100 (see docs/benchmarks.md).
+# fastest of the settings `benchmarks/group_norm.py --sweep` tried on an H100; on the H200 it chose the
+# same threads, and LAST_COMBINE_MIN_PARTIALS 512 within 0.2% of its best ("never").
 ELEMENTS_PER_THREAD = 64
 # Partials a program reads per step when combining a set.
 COMBINE_BLOCK = 128
