@@ -146,13 +146,17 @@ def _chain(x: torch.Tensor, length: int) -> torch.Tensor:
     return x
 
 
-def parts(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, dy: torch.Tensor) -> str:
-    """Host microseconds of the pieces our eager LayerNorm and dropout are made of."""
+def parts(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, dy: torch.Tensor, image: torch.Tensor) -> str:
+    """Host microseconds of the pieces our eager LayerNorm, dropout and GroupNorm are made of."""
+    from slipstream.ops.kernels import group_norm as gn_kernels
     from slipstream.ops.kernels import layer_norm as ln_kernels
     from slipstream.ops.kernels.dropout import launch_seeded_dropout
 
     xd, wd, bd = x.detach(), w.detach(), b.detach()
     _, stats = ln_kernels.forward(xd, wd, bd, 1e-5, xd.dtype)
+    img, gw, gb = image.detach(), wd[:image.shape[1]], bd[:image.shape[1]]
+    _, mean, rstd = gn_kernels.forward(img, gw, gb, 32, 1e-5, False, img.dtype)
+    dimg = torch.randn_like(img)
     out = torch.empty_like(xd)
     xg = xd.clone().requires_grad_()
     pieces = {
@@ -166,6 +170,12 @@ def parts(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, dy: torch.Tensor) -
         "LayerNorm forward launcher (2 allocations, 1 launch)": lambda: ln_kernels.forward(xd, wd, bd, 1e-5, xd.dtype),
         "LayerNorm backward launcher (2 allocations, 1 launch, 1 torch.sum)": lambda: ln_kernels.backward(
             dy, xd, wd, stats, bd.dtype),
+        "GroupNorm forward launcher (kernels.forward)": lambda: gn_kernels.forward(
+            img, gw, gb, 32, 1e-5, False, img.dtype),
+        "GroupNorm backward launcher (kernels.backward, with dW and dB)": lambda: gn_kernels.backward(
+            dimg, img, gw, gb, mean, rstd, 32, False),
+        "torch.zeros(265) on CUDA (a fused launch's barrier words)": lambda: torch.zeros(
+            265, device="cuda", dtype=torch.int32),
     }
     table = Table(["piece", "us/call"])
     for name, fn in pieces.items():
@@ -204,7 +214,8 @@ def run(with_parts: bool) -> str:
     if with_parts:
         for mode in ("triton", "cached"):
             with eager_launch(mode):
-                body += f"\n\nPieces, each called on its own ({mode} launch):\n\n" + parts(x, w, b, torch.randn_like(x))
+                body += (f"\n\nPieces, each called on its own ({mode} launch):\n\n"
+                         + parts(x, w, b, torch.randn_like(x), image))
     return body + "\n\n" + "\n\n".join(profiles)
 
 
