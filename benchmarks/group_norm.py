@@ -511,11 +511,18 @@ def run_case(case: tuple[tuple[int, ...], int, str, str], repeats: int = 3) -> N
     torch.cuda.synchronize()
 
 
+def _integer_settings() -> list[str]:
+    """Names of the kernel module's integer settings (its upper-case int constants)."""
+    from slipstream.ops.kernels import group_norm as kernels
+
+    return sorted(name for name, value in vars(kernels).items() if name.isupper() and type(value) is int)
+
+
 def apply_settings(text: str) -> None:
     """Set kernel module constants from ``"NAME=INT,NAME=INT"`` (``--settings``)."""
     from slipstream.ops.kernels import group_norm as kernels
 
-    allowed = sorted(name for name, value in vars(kernels).items() if name.isupper() and type(value) is int)
+    allowed = _integer_settings()
     for item in filter(None, text.split(",")):
         name, _, value = item.partition("=")
         if name not in allowed or not value.lstrip("-").isdigit():
@@ -550,6 +557,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     dtypes, impls = args.dtypes.split(","), args.impls.split(",")
     apply_settings(args.settings)
+    unknown = [name for name, _ in args.sweep_setting if name not in _integer_settings()]
+    if unknown:
+        raise SystemExit(f"--sweep-setting: {', '.join(unknown)} not one of {', '.join(_integer_settings())}")
     if args.run_case:
         run_case(args.run_case)
         return
@@ -583,7 +593,6 @@ def main(argv: Optional[list[str]] = None) -> None:
         body.append(sweep_rows(copy_gbs))
         write()
     for name, values in args.sweep_setting:
-        apply_settings(f"{name}={values[0]}")  # checks the name
         body.append(sweep_setting(copy_gbs, name, values, list(LAYOUTS)))
         write()
     if args.phases:

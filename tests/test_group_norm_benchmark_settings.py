@@ -65,3 +65,8 @@ def test_run_case_parses_shape_groups_layout_and_dtype():
 def test_run_case_rejects_malformed_cases(text):
     with pytest.raises(argparse.ArgumentTypeError, match="--run-case"):
         bench.parse_case(text)
+
+
+def test_sweep_setting_of_an_unknown_name_fails_before_any_work():
+    with pytest.raises(SystemExit, match="--sweep-setting: NO_SUCH .*FORWARD_TILE"):
+        bench.main(["--sweep-setting", "NO_SUCH=1,2"])
