@@ -1,12 +1,15 @@
-"""Host Python time of slipstream's eager forwards on a machine without a GPU, kernel launches stubbed out.
+"""Host Python time of slipstream's eager ops on a machine without a GPU, kernel launches stubbed out.
 
 ``benchmarks/host_overhead.py`` measures host time on the GPU machine, where device time is scarce.
 This measures the part of it that is our own Python, on any CPU: each op's eager path runs as it
-would on CUDA (argument checks, autograd Function, launcher arithmetic, allocations), except that
-every Triton launch is replaced by a no-op. Inputs are CPU tensors of a GPT-2-small activation
-(8 x 512 x 768 bf16) and a GroupNorm image (8 x 256 x 32 x 32 channels_last). Forward only: the
-backward's time on CPU is dominated by accumulating gradients into the inputs, which on CUDA is an
-asynchronous kernel.
+would on CUDA (argument checks, autograd Function, launcher arithmetic, allocations, the cached
+launcher's signature lookup), except that the compiled kernel's launcher does nothing. Inputs are
+CPU tensors of a GPT-2-small activation (8 x 512 x 768 bf16) and a GroupNorm image
+(8 x 256 x 32 x 32 channels_last). Each op forward, and forward + backward through
+``torch.autograd.grad`` (gradients are returned, not accumulated into ``.grad``: that accumulation
+is an asynchronous kernel on CUDA but arithmetic on a CPU). The backward's own ``torch.sum`` of the
+parameter gradients does run on the CPU here, on real sizes, so the forward + backward numbers
+overstate the host time by that sum.
 
 Run (repo root, no GPU needed): ``PYTHONPATH=. python benchmarks/host_python_cpu.py [--profile NAME]``
 """
@@ -26,26 +29,61 @@ import torch
 CALLS = 500
 
 
-class _NoLaunch:
-    """Stands in for a kernel's launcher: ``[grid](...)`` does nothing."""
+class _CompiledStub:
+    """What a Triton launch hands back, with a launcher that does nothing."""
+
+    function = 0
+    packed_metadata = None
+
+    @staticmethod
+    def run(*args) -> None:
+        pass
+
+    def _init_handles(self) -> None:
+        pass
+
+
+class _KernelStub:
+    """A jitted kernel's signature, whose launches compile nothing."""
+
+    def __init__(self, kernel) -> None:
+        self.signature, self.constexprs, self.arg_names = kernel.signature, kernel.constexprs, kernel.arg_names
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+        return lambda *args, **kwargs: _CompiledStub()
 
 
 def stub_launches() -> None:
-    """Make every slipstream op take its kernel path on CPU tensors, with launches that do nothing."""
+    """Make every slipstream op take its kernel path on CPU tensors; launches go through the real
+    :class:`~slipstream.ops.kernels.cached_launch.CachedLauncher` up to the compiled kernel's launcher,
+    which does nothing."""
     from slipstream.ops import _triton_op
     from slipstream.ops.kernels import group_norm as group_norm_kernels
+    from slipstream.ops.kernels.cached_launch import CachedLauncher
 
     always = lambda x: True  # noqa: E731
     for name in ("layer_norm", "dropout", "group_norm"):
         sys.modules[f"slipstream.ops.{name}"].use_triton = always
     _triton_op.use_triton = always
     _triton_op.interpreting = lambda: False
-    _triton_op._cached = lambda kernel: _NoLaunch()
+    launchers: dict = {}
+
+    def cached(kernel):
+        if kernel not in launchers:
+            launchers[kernel] = CachedLauncher(_KernelStub(kernel), stream_of=lambda device: 0)
+        return launchers[kernel]
+
+    _triton_op._cached = cached
+    torch.cuda.current_device = lambda: 0
     group_norm_kernels.interpreting = lambda: False
     group_norm_kernels._max_fused_set = lambda device_index: 132  # an H100's SM count
+
+
+def _forward_backward(op: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> Callable[[], object]:
+    """Forward, then gradients of every input by ``torch.autograd.grad`` (no accumulation into ``.grad``)."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    dy = torch.randn_like(op(*leaves))
+    return lambda: torch.autograd.grad(op(*leaves), leaves, dy)
 
 
 def cases() -> dict[str, Callable[[], object]]:
@@ -55,11 +93,16 @@ def cases() -> dict[str, Callable[[], object]]:
     w, b = torch.randn(768, dtype=torch.bfloat16), torch.randn(768, dtype=torch.bfloat16)
     image = torch.randn(8, 256, 32, 32, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     gw, gb = torch.randn(256, dtype=torch.bfloat16), torch.randn(256, dtype=torch.bfloat16)
-    return {
-        "layer_norm forward": lambda: layer_norm(x, (768,), w, b),
-        "dropout forward": lambda: seeded_dropout(x, 0.1, 1234),
-        "group_norm forward": lambda: group_norm(image, 32, gw, gb),
+    ops = {
+        "layer_norm": (lambda t, w_, b_: layer_norm(t, (768,), w_, b_), x, w, b),
+        "dropout": (lambda t: seeded_dropout(t, 0.1, 1234), x),
+        "group_norm": (lambda t, w_, b_: group_norm(t, 32, w_, b_), image, gw, gb),
     }
+    timed = {}
+    for name, (op, *inputs) in ops.items():
+        timed[f"{name} forward"] = lambda op=op, inputs=inputs: op(*inputs)
+        timed[f"{name} forward+backward"] = _forward_backward(op, *inputs)
+    return timed
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

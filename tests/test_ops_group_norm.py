@@ -171,6 +171,43 @@ def test_each_multi_program_strategy(monkeypatch, device, strategy, channels_las
     check_kernels_at_tile(x, groups, tile)
 
 
+# Launches reuse one scratch buffer and one set of barrier words per stream. A call after a larger
+# one (which grew them), a larger one after it (which grows them again) and a repeat must each give
+# what a first call gives, and a fused launch must leave its barrier words zero for the next.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("strategy", ["fused", "two_pass", "three_pass"])
+def test_calls_reusing_scratch_and_barrier_words(monkeypatch, device, strategy):
+    if not use_triton(torch.empty(0, device=device)):
+        pytest.skip("kernels run on CUDA or under TRITON_INTERPRET=1")
+    from slipstream.ops._backend import interpreting
+    from slipstream.ops.kernels import group_norm as kernels
+    from slipstream.ops.kernels.scratch import barrier_words
+
+    if strategy == "fused" and interpreting():
+        pytest.skip("the interpreter runs programs one at a time: no barrier")
+    monkeypatch.setattr(kernels, "TWO_PASS_MAX_BYTES", 0 if strategy == "fused" else 1 << 62)
+    monkeypatch.setattr(kernels, "TWO_PASS_MAX_SET", 1 if strategy == "three_pass" else 256)
+    shapes = ((2, 12, 4, 5), (1, 6, 3, 5), (3, 12, 4, 5))
+    inputs = [make_input(shape, torch.float32, True, device) for shape in shapes]
+
+    def run(x):
+        weight, bias = make_params(x.shape[1], device)
+        dy = torch.randn_like(x)
+        y, mean, rstd = kernels.forward(x, weight, bias, 3, 1e-5, True, x.dtype, tile=16)
+        return [y, *kernels.backward(dy, x, weight, bias, mean, rstd, 3, True, tile=16)], (x, weight, bias, dy)
+
+    for x in inputs + inputs[:1]:
+        torch.manual_seed(x.numel())
+        outputs, (x, weight, bias, dy) = run(x)
+        ref_y, ref_grads = float64_reference(x, 3, weight, bias, 1e-5, True, dy)
+        y, dx, dweight, dbias = (t.cpu() for t in outputs)
+        assert rel_err(y, ref_y) < TOL[torch.float32] and rel_err(dx, ref_grads[0]) < TOL[torch.float32]
+        assert rel_err(dweight, ref_grads[1]) < PARAM_TOL and rel_err(dbias, ref_grads[2]) < PARAM_TOL
+    if device == "cuda":
+        torch.cuda.synchronize()
+    assert int(barrier_words(inputs[0].device, 1).abs().sum()) == 0
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_large_mean_small_spread(device):
     """Statistics combine centred partials: E[x^2] - E[x]^2 in fp32 would be off by about 50% here."""

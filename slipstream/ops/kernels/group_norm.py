@@ -21,12 +21,14 @@ whole set's partials before it can write its output. Four ways to get them:
   them and raises a flag; the others wait for it and read its result. Programs take their place in
   the grid from an atomic ticket, so a program only ever waits for programs that started after it:
   with ``K`` no larger than the number of SMs (one program per SM always fits), every set completes
-  whatever order the hardware starts programs in.
+  whatever order the hardware starts programs in. The barrier words (counters, flags, the ticket)
+  are zero when a launch starts and zero again when it ends, so they live in a buffer kept across
+  calls (:mod:`slipstream.ops.kernels.scratch`) rather than one zeroed per call.
 * two passes: one launch writes the partials; a second launch reads the input again (from L2 where
   it still fits: it walks the tiles backwards, so the last ones read come first) and each of its
-  programs combines its set's partials itself. No barrier and no zeroed sync buffer: what Triton's
-  CPU interpreter (which runs programs one after another) and sets too large for the GPU's barrier
-  use, and what the GPU uses where the inputs are small enough (``TWO_PASS_MAX_BYTES``).
+  programs combines its set's partials itself. No barrier: what Triton's CPU interpreter (which
+  runs programs one after another) and sets too large for the GPU's barrier use, and what the GPU
+  uses where the inputs are small enough (``TWO_PASS_MAX_BYTES``).
 * three passes, for sets of more than ``TWO_PASS_MAX_SET`` programs (every program reading all the
   partials would cost more than a launch): a combine launch between the two passes writes each set's
   statistics once.
@@ -50,6 +52,7 @@ import triton.language as tl
 from slipstream.ops._backend import interpreting
 from slipstream.ops._triton_op import launcher
 from slipstream.ops.kernels.host_math import cdiv, next_power_of_2
+from slipstream.ops.kernels.scratch import barrier_words, scratch
 
 __all__ = ["forward", "backward", "TileShape", "tile_shape"]
 
@@ -72,8 +75,8 @@ MIN_RUN_BYTES = 64
 # A pass whose inputs (x forward; x and dy backward) are at most this many bytes runs as two passes
 # rather than a fused launch (see the module docstring). 0: fused wherever the barrier fits. On the
 # H200 (`benchmarks/group_norm.py --sweep`) two passes up to 22.5 MiB took 1.5% less GPU time over
-# the benchmark's cases, but they trade a memset for a second kernel launch exactly on the small
-# tensors whose training steps are host-bound, so the default stays fused.
+# the benchmark's cases, but they add a second kernel launch exactly on the small tensors whose
+# training steps are host-bound, so the default stays fused.
 TWO_PASS_MAX_BYTES = 0
 # Largest set whose programs each combine all its partials in a two-pass launch.
 TWO_PASS_MAX_SET = 256
@@ -93,6 +96,8 @@ def _program_id(SYNC, num_sets, USE_TICKET: tl.constexpr, REVERSE: tl.constexpr)
     # last, so those are the ones still in L2.
     if USE_TICKET:
         vid = tl.atomic_add(SYNC + 2 * num_sets, 1, sem="relaxed")
+        if vid == tl.num_programs(0) - 1:  # every ticket is taken: leave the word zero for the next launch
+            tl.atomic_xchg(SYNC + 2 * num_sets, 0, sem="relaxed")
     elif REVERSE:
         vid = tl.num_programs(0) - 1 - tl.program_id(0)
     else:
@@ -267,34 +272,48 @@ def _set_values(part, OUT0, OUT1, SYNC, set_id, num_sets, k, K, g, G, n_schunks,
 
     Fused launch (WAIT): every program has written its partials; with LAST the program that arrives
     last combines them and raises the set's flag while the others wait for it, else all wait for the
-    count to reach K and combine them alike. Two-pass apply launch (COMBINE): the partials are all
+    count to reach K and combine them alike. The set's two barrier words (its counter at ``set_id``,
+    its flag at ``num_sets + set_id``) start at zero and are zero again when its last program leaves:
+    they are reused by later launches (``scratch.barrier_words``). Two-pass apply launch (COMBINE): the partials are all
     written by the launch before, and every program combines them itself. Three-pass apply launch:
     read what the combine launch stored.
     """
     gmask = g < G
+    counter = SYNC + set_id
+    flag = SYNC + num_sets + set_id
     if WAIT and LAST:
         tl.debug_barrier()  # every thread's partial stores are issued before the release below
-        arrived = tl.atomic_add(SYNC + set_id, 1, sem="acq_rel") + 1
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel") + 1
         if arrived == K:
             v0, v1 = _reduce_set(part, K, n_schunks, CG, S, eps, GB, CB, SB, KB, FORWARD)
             tl.store(OUT0 + g, v0, mask=gmask)
             tl.store(OUT1 + g, v1, mask=gmask)
             tl.debug_barrier()
-            tl.atomic_xchg(SYNC + num_sets + set_id, 1, sem="release")
+            # Nobody reads the counter before the flag rises, so it restarts at zero here and then
+            # counts the waiters' departures; the release orders this reset before the flag.
+            tl.atomic_xchg(counter, 0, sem="relaxed")
+            tl.atomic_xchg(flag, 1, sem="release")
         else:
-            ready = tl.atomic_add(SYNC + num_sets + set_id, 0, sem="acquire")
+            ready = tl.atomic_add(flag, 0, sem="acquire")
             while ready == 0:
-                ready = tl.atomic_add(SYNC + num_sets + set_id, 0, sem="acquire")
+                ready = tl.atomic_add(flag, 0, sem="acquire")
             tl.debug_barrier()
             v0 = tl.load(OUT0 + g, mask=gmask, other=0.0, cache_modifier=".cg")
             v1 = tl.load(OUT1 + g, mask=gmask, other=0.0, cache_modifier=".cg")
+            if tl.atomic_add(counter, 1, sem="relaxed") + 1 == K - 1:  # the last waiter to leave
+                tl.atomic_xchg(counter, 0, sem="relaxed")
+                tl.atomic_xchg(flag, 0, sem="relaxed")
     elif WAIT or COMBINE:
         if WAIT:
             tl.debug_barrier()
-            arrived = tl.atomic_add(SYNC + set_id, 1, sem="acq_rel") + 1
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel") + 1
             while arrived < K:
-                arrived = tl.atomic_add(SYNC + set_id, 0, sem="acquire")
+                arrived = tl.atomic_add(counter, 0, sem="acquire")
             tl.debug_barrier()
+            # The flag counts departures: once all K have seen the count complete, the last resets both.
+            if tl.atomic_add(flag, 1, sem="relaxed") + 1 == K:
+                tl.atomic_xchg(counter, 0, sem="relaxed")
+                tl.atomic_xchg(flag, 0, sem="relaxed")
         v0, v1 = _reduce_set(part, K, n_schunks, CG, S, eps, GB, CB, SB, KB, FORWARD)
         if k == 0:
             tl.store(OUT0 + g, v0, mask=gmask)
@@ -371,8 +390,8 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    X, DY, DX, W, B, MEAN, RSTD, GRAD0, GRAD1, PART, CSUM_DY, CSUM_DY_XHAT, SYNC,
-    C, G, S, n_gblocks, n_schunks, K, num_sets,
+    X, DY, DX, W, B, MEAN, RSTD, SCRATCH, SYNC,
+    C, G, S, n_gblocks, n_schunks, K, num_sets, csum_half, grad0_at, grad1_at, part_at,
     sxn, sxc, sxs, sdn, sdc, sds, sgn, sgc, sgs,
     CG: tl.constexpr, GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, CW: tl.constexpr, KB: tl.constexpr,
     CL: tl.constexpr, CMASK: tl.constexpr, GMASK: tl.constexpr,
@@ -383,7 +402,8 @@ def _backward_kernel(
     vid = _program_id(SYNC, num_sets, WAIT, APPLY and not STATS)
     set_id, k, n, g, kc, ks, c, cmask, onehot, s, mask = _tile_index(vid, K, n_gblocks, n_schunks, G, CG, S, GB, CB,
                                                                      SB, CW, CL, CMASK, GMASK)
-    part = PART + set_id * K * 2 * GB
+    # scratch (``_backward_scratch``): per-channel sums of dy' (then of dy' * xhat), group means, partials
+    part = SCRATCH + part_at + set_id * K * 2 * GB
     mean = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
     rstd = tl.load(RSTD + n * G + g, mask=g < G, other=0.0)
     w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
@@ -401,8 +421,8 @@ def _backward_kernel(
         sum_dy_xhat = _channel_sum(dy * xhat, CL)
         if PARAM_GRADS:  # per (sample, position chunk, channel): summed into dB, dW afterwards
             crow = (n * n_schunks + ks).to(tl.int64) * C + c
-            tl.store(CSUM_DY + crow, sum_dy, mask=cmask)
-            tl.store(CSUM_DY_XHAT + crow, sum_dy_xhat, mask=cmask)
+            tl.store(SCRATCH + crow, sum_dy, mask=cmask)
+            tl.store(SCRATCH + csum_half + crow, sum_dy_xhat, mask=cmask)
         group_dy = _group_sum(w * sum_dy, onehot, GB, CG, CW, CL)
         group_dy_xhat = _group_sum(w * sum_dy_xhat, onehot, GB, CG, CW, CL)
         if WAIT or not APPLY:  # other programs (or the combine launch) need this tile's partials
@@ -414,8 +434,9 @@ def _backward_kernel(
             mean_g = group_dy / (CG * 1.0 * S)
             mean_gx = group_dy_xhat / (CG * 1.0 * S)
         else:
-            mean_g, mean_gx = _set_values(part, GRAD0 + n * G, GRAD1 + n * G, SYNC, set_id, num_sets, k, K, g, G,
-                                          n_schunks, CG, S, 0.0, GB, CB, SB, KB, False, WAIT, LAST, COMBINE)
+            mean_g, mean_gx = _set_values(part, SCRATCH + grad0_at + n * G, SCRATCH + grad1_at + n * G, SYNC,
+                                          set_id, num_sets, k, K, g, G, n_schunks, CG, S, 0.0, GB, CB, SB, KB,
+                                          False, WAIT, LAST, COMBINE)
         centred = dy * _per_channel(w, CL) - _per_group(mean_g, onehot, GB, CG, CW, CL)
         dx = (centred - xhat * _per_group(mean_gx, onehot, GB, CG, CW, CL)) * rstd_t
         tl.store(DX + _offsets(n, c, s, sgn, sgc, sgs, CL), dx.to(DX.dtype.element_ty), mask=mask)
@@ -562,14 +583,13 @@ def _cached_plan(n: int, c: int, s: int, channels_last: bool, element_size: int,
                  last_combines, row_channels, channel_mask, num_groups % shape.groups != 0)
 
 
-def _set_buffers(x: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partials (num_sets, K, 2, GB) and the barrier words: a counter and a flag per set, the ticket."""
-    part = torch.empty(plan.num_sets * plan.per_set * 2 * plan.shape.groups, device=x.device, dtype=torch.float32)
-    if plan.strategy == "fused":
-        sync = torch.zeros(2 * plan.num_sets + 1, device=x.device, dtype=torch.int32)
-    else:  # no barrier: a placeholder pointer
-        sync = torch.empty(1, device=x.device, dtype=torch.int32)
-    return part, sync
+def _barrier_words(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """A counter and a flag per set and the ticket, zero (fused launches leave them zero); else any words."""
+    return barrier_words(x.device, 2 * plan.num_sets + 1 if plan.strategy == "fused" else 1)
+
+
+def _round16(n: int) -> int:
+    return (n + 15) // 16 * 16
 
 
 def _phases(plan: _Plan) -> list[tuple[bool, bool, bool, bool]]:
@@ -586,6 +606,11 @@ def _combine(part: torch.Tensor, out0: torch.Tensor, out1: torch.Tensor, plan: _
         part, out0, out1, plan.per_set, plan.n_gblocks, plan.n_schunks, num_groups, s, eps, CG=cg,
         GB=tile.groups, CB=tile.channels, SB=tile.positions, KB=COMBINE_BLOCK, FORWARD=forward,
     )
+
+
+def _partials(plan: _Plan) -> int:
+    """fp32 values of the tile partials, (num_sets, K, 2, GB)."""
+    return plan.num_sets * plan.per_set * 2 * plan.shape.groups
 
 
 def _combine_block(plan: _Plan) -> int:
@@ -617,7 +642,8 @@ def forward(
     mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     plan = _plan(x, x_strides, num_groups, tile or FORWARD_TILE, x.numel() * x.element_size())
-    part, sync = _set_buffers(x, plan)
+    part = scratch(x.device, _partials(plan))
+    sync = _barrier_words(x, plan)
     t = plan.shape
     for launch, (stats, apply, wait, combine) in enumerate(_phases(plan)):
         if launch == 1 and plan.strategy == "three_pass":
@@ -658,22 +684,23 @@ def backward(
     dx = torch.empty_like(x)
     dx_strides = _ncs_strides(dx)
     plan = _plan(x, x_strides, num_groups, tile or BACKWARD_TILE, 2 * x.numel() * x.element_size())
-    part, sync = _set_buffers(x, plan)
     param_grads = weight is not None or bias is not None
-    # per-channel sums of dy' and dy'*xhat for each (sample, position chunk): (2, N, n_schunks, C)
-    cpart = torch.empty((2, n, plan.n_schunks, c) if param_grads else (2, 1), device=x.device, dtype=torch.float32)
-    # per-group means of w*dy' and w*dy'*xhat, where a set's programs exchange them through memory
-    grads = torch.empty((2, n, num_groups), device=x.device, dtype=torch.float32)
-    grads_g, grads_gx = grads.unbind()  # one view op for both halves (each costs host time)
-    cpart_dy, cpart_dyx = cpart.unbind()
+    # scratch: per-channel sums of dy' and of dy'*xhat for each (sample, position chunk), (2, N, n_schunks, C);
+    # the per-group means of w*dy' and w*dy'*xhat (2, N, G) where a set's programs exchange them; partials
+    csum_half = n * plan.n_schunks * c if param_grads else 0
+    grad0_at = _round16(2 * csum_half)
+    grad1_at = grad0_at + n * num_groups
+    part_at = _round16(grad1_at + n * num_groups)
+    work = scratch(x.device, part_at + _partials(plan))
+    sync = _barrier_words(x, plan)
     t = plan.shape
     for launch, (stats, apply, wait, combine) in enumerate(_phases(plan)):
         if launch == 1 and plan.strategy == "three_pass":
-            _combine(part, grads_g, grads_gx, plan, num_groups, cg, s, 0.0, forward=False)
+            _combine(work[part_at:], work[grad0_at:], work[grad1_at:], plan, num_groups, cg, s, 0.0, forward=False)
         launcher(False)(_backward_kernel)[(plan.num_sets * plan.per_set,)](
-            x, dy, dx, weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
-            grads_g, grads_gx, part, cpart_dy, cpart_dyx, sync,
+            x, dy, dx, weight if weight is not None else x, bias if bias is not None else x, mean, rstd, work, sync,
             c, num_groups, s, plan.n_gblocks, plan.n_schunks, plan.per_set, plan.num_sets,
+            csum_half, grad0_at, grad1_at, part_at,
             *x_strides, *dy_strides, *dx_strides,
             CG=cg, GB=t.groups, CB=t.channels, SB=t.positions, CW=plan.row_channels, KB=_combine_block(plan),
             CL=plan.channels_last, CMASK=plan.channel_mask, GMASK=plan.group_mask,
@@ -686,7 +713,8 @@ def backward(
         return dx, None, None
     # One fixed-order reduction for both (deterministic; one launch less than two). dweight and dbias
     # may be views of one buffer: callers whose outputs must not alias (a custom op) copy one.
-    dbias_sum, dweight_sum = cpart.sum(dim=(1, 2)).unbind()
+    csums = work.as_strided((2, n * plan.n_schunks, c), (csum_half, c, 1))
+    dbias_sum, dweight_sum = csums.sum(dim=1).unbind()
     dweight = dweight_sum.to(weight.dtype) if weight is not None else None
     dbias = dbias_sum.to(bias.dtype) if bias is not None else None
     return dx, dweight, dbias
