@@ -73,15 +73,19 @@ def record_launches(x: torch.Tensor, num_groups: int) -> list[Launch]:
 
         return wrap
 
-    saved = kernels.launcher, kernels.interpreting, kernels._max_fused_set
-    kernels.launcher, kernels.interpreting, kernels._max_fused_set = recorder, lambda: False, lambda index: SMS
+    def record_keyed(kernel, grid, key, args, meta):
+        recorder(False)(kernel)[grid](*args, **meta)
+
+    saved = kernels.launcher, kernels.launch_keyed, kernels.interpreting, kernels._max_fused_set
+    kernels.launcher, kernels.launch_keyed = recorder, record_keyed
+    kernels.interpreting, kernels._max_fused_set = lambda: False, lambda index: SMS
     try:
         w = torch.ones(x.shape[1], dtype=x.dtype)
         b = torch.zeros(x.shape[1], dtype=x.dtype)
         y, mean, rstd = kernels.forward(x, w, b, num_groups, bench.EPS, False, x.dtype)
         kernels.backward(torch.empty_like(x), x, w, b, mean, rstd, num_groups, False)
     finally:
-        kernels.launcher, kernels.interpreting, kernels._max_fused_set = saved
+        kernels.launcher, kernels.launch_keyed, kernels.interpreting, kernels._max_fused_set = saved
     return launches
 
 

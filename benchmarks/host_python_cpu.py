@@ -109,6 +109,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", help="also print a cProfile of this case, e.g. 'group_norm forward'")
     args = parser.parse_args(argv)
+    from slipstream.ops._backend import interpreting
+
+    if interpreting():
+        raise SystemExit("host_python_cpu.py times jitted kernels' launch path: run it without TRITON_INTERPRET=1")
     stub_launches()
     table = cases()
     for name, fn in table.items():

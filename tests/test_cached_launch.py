@@ -192,3 +192,41 @@ def test_eager_launch_setting(monkeypatch):
     monkeypatch.setattr(config, "eager_launch", "fast")
     with pytest.raises(ValueError, match="eager_launch must be 'cached' or 'triton'"):
         _triton_op.launcher(False)
+
+
+def test_keyed_launches_read_only_the_tensors_after_the_first(launcher):
+    kernel, launch = launcher
+    meta = dict(BLOCK=64, num_warps=4)
+    launch.launch_keyed((2,), "config-a", _args(n=96), meta)
+    second = _args(n=96)
+    launch.launch_keyed((3,), "config-a", second, meta)
+    compiled = kernel.compiled[0]
+    assert [entry[0] for entry in kernel.log] == ["triton", "run"]
+    assert kernel.log[1] == ("run", (3, 1, 1, STREAM, compiled.function, compiled.packed_metadata,
+                                     None, None, None, *second, 64, 3))
+    # a tensor of another alignment or dtype under the same key: Triton chooses again
+    launch.launch_keyed((2,), "config-a", _args(n=96, x=torch.randn(65)[1:]), meta)
+    launch.launch_keyed((2,), "config-a", _args(n=96, x=torch.randn(64, dtype=torch.float64)), meta)
+    assert [entry[0] for entry in kernel.log] == ["triton", "run", "triton", "triton"]
+
+
+def test_keyed_and_plain_launches_share_compiled_kernels(launcher):
+    kernel, launch = launcher
+    launch[(1,)](*_args(n=96), BLOCK=64)
+    launch.launch_keyed((1,), ("config-b", 96), _args(n=96), dict(BLOCK=64))  # same signature: no compile
+    launch.launch_keyed((1,), ("config-b", 96), _args(n=96), dict(BLOCK=64))
+    assert [entry[0] for entry in kernel.log] == ["triton", "run", "run"]
+    assert launch.cached_signatures() == 1
+
+
+def test_keyed_launch_with_a_hook_takes_triton_path(launcher):
+    kernel, launch = launcher
+    launch.launch_keyed((1,), "config-c", _args(), dict(BLOCK=64))
+    hook = lambda *a, **k: None  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        launch.launch_keyed((1,), "config-c", _args(), dict(BLOCK=64))
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    launch.launch_keyed((1,), "config-c", _args(), dict(BLOCK=64))
+    assert [entry[0] for entry in kernel.log] == ["triton", "triton", "run"]

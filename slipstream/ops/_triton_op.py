@@ -14,14 +14,14 @@ through :mod:`slipstream.ops.kernels.cached_launch`, no higher-order-op dispatch
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from typing import Callable, Hashable, TypeVar
 
 import torch
 
 from slipstream import config
 from slipstream.ops._backend import interpreting, use_triton
 
-__all__ = ["register_triton_op", "launcher", "body_uses_triton"]
+__all__ = ["register_triton_op", "launcher", "launch_keyed", "body_uses_triton"]
 
 Kernel = TypeVar("Kernel")
 
@@ -79,6 +79,25 @@ def launcher(traceable: bool) -> Callable[[Kernel], Kernel]:
     if mode == "triton":
         return _as_is
     raise ValueError(f"slipstream.config.eager_launch must be 'cached' or 'triton', got {mode!r}")
+
+
+def launch_keyed(kernel: Kernel, grid: tuple[int, ...], key: Hashable, args: tuple, meta: dict) -> None:
+    """An eager ``kernel[grid](*args, **meta)`` whose non-tensor arguments and ``meta`` the caller memoized under ``key``.
+
+    With cached launches this is
+    :meth:`~slipstream.ops.kernels.cached_launch.CachedLauncher.launch_keyed` (only the tensors are
+    looked at per launch); otherwise a plain launch.
+
+    Example (under ``TRITON_INTERPRET=1``, as in the tests, a plain call of the kernel):
+        >>> launch_keyed({(1,): print}, (1,), "doc", ("a", 1), {"sep": "-"})
+        a-1
+    """
+    launch = launcher(False)(kernel)
+    keyed = getattr(launch, "launch_keyed", None)
+    if keyed is not None:
+        keyed(grid, key, args, meta)
+    else:
+        launch[grid](*args, **meta)
 
 
 def body_uses_triton(x: torch.Tensor) -> bool:

@@ -24,7 +24,7 @@ Imported only when a kernel is about to run (see ``slipstream.ops._backend``).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Optional
 
 import torch
 from triton import knobs
@@ -49,6 +49,11 @@ def _argument_signature(value: Any) -> Hashable:
     raise _Uncacheable(kind)
 
 
+def _hooked() -> bool:
+    """Whether a Triton launch hook (a profiler) is installed: such launches take Triton's own path."""
+    return bool(knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls)
+
+
 def _current_stream(device: int) -> int:
     # What Triton's own launch path asks torch for (no Stream object is built).
     return torch._C._cuda_getCurrentRawStream(device)
@@ -69,6 +74,9 @@ class CachedLauncher:
         self._kernel = kernel
         self._stream_of = stream_of
         self._compiled: dict[Hashable, tuple] = {}
+        # launch_keyed: the caller's key -> positions of the tensor arguments; (device, key, tensors) -> entry
+        self._tensor_positions: dict[Hashable, tuple[int, ...]] = {}
+        self._keyed: dict[Hashable, tuple] = {}
         # Parameters Triton fills from keywords or defaults, by position after the positional ones.
         self._defaults = {name: p.default for name, p in kernel.signature.parameters.items()}
         self._first_constexpr = min(kernel.constexprs, default=len(kernel.arg_names))
@@ -77,6 +85,10 @@ class CachedLauncher:
         return functools.partial(self._launch, grid)
 
     def _launch(self, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
+        self._launch_entry(grid, args, meta)
+
+    def _launch_entry(self, grid: tuple[int, ...], args: tuple, meta: dict) -> Optional[tuple]:
+        """Launch; return the kept compiled kernel that serves this signature (None: not cacheable)."""
         device = torch.cuda.current_device()
         try:
             if len(args) > self._first_constexpr:  # a constexpr's value would not be in the signature
@@ -84,18 +96,47 @@ class CachedLauncher:
             key = (device, tuple(map(_argument_signature, args)), tuple(meta.items()))
         except _Uncacheable:
             self._kernel[grid](*args, **meta)
-            return
+            return None
         entry = self._compiled.get(key)
-        if entry is None or knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls:
+        if entry is None or _hooked():
             compiled = self._kernel[grid](*args, **meta)
             if entry is None:
-                self._compiled[key] = self._entry(compiled, len(args), meta)
-            return
+                entry = self._compiled[key] = self._entry(compiled, len(args), meta)
+            return entry
+        self._run(entry, grid, device, args)
+        return entry
+
+    def _run(self, entry: tuple, grid: tuple[int, ...], device: int, args: tuple) -> None:
         run, function, packed_metadata, rest = entry
         grid_x, grid_y, grid_z = (tuple(grid) + (1, 1))[:3]
         # No launch metadata and no hooks: what Triton passes them is only for installed hooks.
         run(grid_x, grid_y, grid_z, self._stream_of(device), function, packed_metadata, None, None, None,
             *args, *rest)
+
+    def launch_keyed(self, grid: tuple[int, ...], key: Hashable, args: tuple, meta: dict) -> None:
+        """``self[grid](*args, **meta)`` for a caller that memoizes everything but the tensors under ``key``.
+
+        Two launches may share ``key`` only when their non-tensor arguments and ``meta`` are equal (a
+        launcher memoizes them per configuration and keys them by that memo's identity). Per launch
+        only the tensors' dtypes and alignment are then read, not every argument's signature.
+
+        Example (on a CUDA machine):
+            >>> cached_launcher(my_kernel).launch_keyed((4,), 17, (x, y, n), {"BLOCK": 256})  # doctest: +SKIP
+        """
+        device = torch.cuda.current_device()
+        positions = self._tensor_positions.get(key)
+        if positions is not None:
+            signature = (device, key, tuple([(args[i].dtype, args[i].data_ptr() % 16 == 0) for i in positions]))
+            entry = self._keyed.get(signature)
+            if entry is not None and not _hooked():
+                self._run(entry, grid, device, args)
+                return
+        entry = self._launch_entry(grid, args, meta)
+        if entry is not None:
+            positions = self._tensor_positions[key] = tuple(
+                i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+            signature = (device, key, tuple([(args[i].dtype, args[i].data_ptr() % 16 == 0) for i in positions]))
+            self._keyed[signature] = entry
 
     def _entry(self, compiled: Any, n_positional: int, meta: dict) -> tuple:
         if hasattr(compiled, "result"):  # triton 3.9 may hand back a future of the compiled kernel

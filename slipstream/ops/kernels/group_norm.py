@@ -43,6 +43,7 @@ dW after a plain ``torch.sum`` and the group terms of dx after the barrier.
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import NamedTuple, Optional
 
 import torch
@@ -50,7 +51,7 @@ import triton
 import triton.language as tl
 
 from slipstream.ops._backend import interpreting
-from slipstream.ops._triton_op import launcher
+from slipstream.ops._triton_op import launch_keyed, launcher
 from slipstream.ops.kernels.host_math import cdiv, next_power_of_2
 from slipstream.ops.kernels.scratch import barrier_words, scratch
 
@@ -599,6 +600,48 @@ def _phases(plan: _Plan) -> list[tuple[bool, bool, bool, bool]]:
     return [(True, False, False, False), (False, True, False, plan.strategy == "two_pass")]
 
 
+class _Step(NamedTuple):
+    """One kernel launch of a configuration: everything but its tensors, memoized, and the memo's key."""
+
+    grid: tuple[int]
+    scalars: tuple  # the kernel's positional arguments after its tensors
+    meta: dict  # constexprs and launch options
+    key: int  # unique to this memo (see ``CachedLauncher.launch_keyed``)
+
+
+_step_keys = itertools.count()
+
+
+def _steps(plan: _Plan, scalars: tuple, constexprs: dict) -> tuple[_Step, ...]:
+    """The launches of ``plan`` (one per phase) sharing ``scalars`` and ``constexprs``."""
+    t = plan.shape
+    shared = dict(constexprs, GB=t.groups, CB=t.channels, SB=t.positions, CW=plan.row_channels,
+                  KB=_combine_block(plan), CL=plan.channels_last, CMASK=plan.channel_mask, GMASK=plan.group_mask,
+                  LAST=plan.last_combines, num_warps=plan.num_warps)
+    return tuple(
+        _Step((plan.num_sets * plan.per_set,), scalars,
+              dict(shared, STATS=stats, APPLY=apply, WAIT=wait, COMBINE=combine), next(_step_keys))
+        for stats, apply, wait, combine in _phases(plan))
+
+
+@functools.lru_cache(maxsize=4096)
+def _forward_steps(plan: _Plan, num_groups: int, cg: int, s: int, x_strides: tuple[int, int, int],
+                   y_strides: tuple[int, int, int], eps: float, has_w: bool, has_b: bool,
+                   silu: bool) -> tuple[_Step, ...]:
+    scalars = (num_groups, s, plan.n_gblocks, plan.n_schunks, plan.per_set, plan.num_sets, *x_strides, *y_strides,
+               eps)
+    return _steps(plan, scalars, dict(CG=cg, HAS_W=has_w, HAS_B=has_b, SILU=silu))
+
+
+@functools.lru_cache(maxsize=4096)
+def _backward_steps(plan: _Plan, num_groups: int, c: int, s: int, strides: tuple[int, ...],
+                    scratch_at: tuple[int, int, int, int], has_w: bool, has_b: bool,
+                    silu: bool) -> tuple[_Step, ...]:
+    scalars = (c, num_groups, s, plan.n_gblocks, plan.n_schunks, plan.per_set, plan.num_sets, *scratch_at, *strides)
+    return _steps(plan, scalars, dict(CG=c // num_groups, HAS_W=has_w, HAS_B=has_b, SILU=silu,
+                                      PARAM_GRADS=has_w or has_b))
+
+
 def _combine(part: torch.Tensor, out0: torch.Tensor, out1: torch.Tensor, plan: _Plan, num_groups: int,
              cg: int, s: int, eps: float, forward: bool) -> None:
     tile = plan.shape
@@ -642,22 +685,14 @@ def forward(
     mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     plan = _plan(x, x_strides, num_groups, tile or FORWARD_TILE, x.numel() * x.element_size())
-    part = scratch(x.device, _partials(plan))
-    sync = _barrier_words(x, plan)
-    t = plan.shape
-    for launch, (stats, apply, wait, combine) in enumerate(_phases(plan)):
+    has_w, has_b = weight is not None, bias is not None
+    tensors = (x, y, weight if has_w else x, bias if has_b else x, mean, rstd,
+               scratch(x.device, _partials(plan)), _barrier_words(x, plan))
+    steps = _forward_steps(plan, num_groups, cg, s, x_strides, y_strides, eps, has_w, has_b, silu)
+    for launch, step in enumerate(steps):
         if launch == 1 and plan.strategy == "three_pass":
-            _combine(part, mean, rstd, plan, num_groups, cg, s, eps, forward=True)
-        launcher(False)(_forward_kernel)[(plan.num_sets * plan.per_set,)](
-            x, y, weight if weight is not None else x, bias if bias is not None else x, mean, rstd, part, sync,
-            num_groups, s, plan.n_gblocks, plan.n_schunks, plan.per_set, plan.num_sets,
-            *x_strides, *y_strides, eps,
-            CG=cg, GB=t.groups, CB=t.channels, SB=t.positions, CW=plan.row_channels, KB=_combine_block(plan),
-            CL=plan.channels_last, CMASK=plan.channel_mask, GMASK=plan.group_mask,
-            HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
-            STATS=stats, APPLY=apply, WAIT=wait, LAST=plan.last_combines, COMBINE=combine,
-            num_warps=plan.num_warps,
-        )
+            _combine(tensors[6], mean, rstd, plan, num_groups, cg, s, eps, forward=True)
+        launch_keyed(_forward_kernel, step.grid, step.key, tensors + step.scalars, step.meta)
     return y, mean, rstd
 
 
@@ -684,7 +719,8 @@ def backward(
     dx = torch.empty_like(x)
     dx_strides = _ncs_strides(dx)
     plan = _plan(x, x_strides, num_groups, tile or BACKWARD_TILE, 2 * x.numel() * x.element_size())
-    param_grads = weight is not None or bias is not None
+    has_w, has_b = weight is not None, bias is not None
+    param_grads = has_w or has_b
     # scratch: per-channel sums of dy' and of dy'*xhat for each (sample, position chunk), (2, N, n_schunks, C);
     # the per-group means of w*dy' and w*dy'*xhat (2, N, G) where a set's programs exchange them; partials
     csum_half = n * plan.n_schunks * c if param_grads else 0
@@ -692,23 +728,13 @@ def backward(
     grad1_at = grad0_at + n * num_groups
     part_at = _round16(grad1_at + n * num_groups)
     work = scratch(x.device, part_at + _partials(plan))
-    sync = _barrier_words(x, plan)
-    t = plan.shape
-    for launch, (stats, apply, wait, combine) in enumerate(_phases(plan)):
+    tensors = (x, dy, dx, weight if has_w else x, bias if has_b else x, mean, rstd, work, _barrier_words(x, plan))
+    steps = _backward_steps(plan, num_groups, c, s, (*x_strides, *dy_strides, *dx_strides),
+                            (csum_half, grad0_at, grad1_at, part_at), has_w, has_b, silu)
+    for launch, step in enumerate(steps):
         if launch == 1 and plan.strategy == "three_pass":
             _combine(work[part_at:], work[grad0_at:], work[grad1_at:], plan, num_groups, cg, s, 0.0, forward=False)
-        launcher(False)(_backward_kernel)[(plan.num_sets * plan.per_set,)](
-            x, dy, dx, weight if weight is not None else x, bias if bias is not None else x, mean, rstd, work, sync,
-            c, num_groups, s, plan.n_gblocks, plan.n_schunks, plan.per_set, plan.num_sets,
-            csum_half, grad0_at, grad1_at, part_at,
-            *x_strides, *dy_strides, *dx_strides,
-            CG=cg, GB=t.groups, CB=t.channels, SB=t.positions, CW=plan.row_channels, KB=_combine_block(plan),
-            CL=plan.channels_last, CMASK=plan.channel_mask, GMASK=plan.group_mask,
-            HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
-            PARAM_GRADS=param_grads,
-            STATS=stats, APPLY=apply, WAIT=wait, LAST=plan.last_combines, COMBINE=combine,
-            num_warps=plan.num_warps,
-        )
+        launch_keyed(_backward_kernel, step.grid, step.key, tensors + step.scalars, step.meta)
     if not param_grads:
         return dx, None, None
     # One fixed-order reduction for both (deterministic; one launch less than two). dweight and dbias
