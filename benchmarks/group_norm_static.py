@@ -95,7 +95,8 @@ def _specialization(kernel: Any, args: tuple, meta: dict) -> tuple[dict, dict, d
     for i, param in enumerate(kernel.params):
         name = param.name
         value = args[i] if i < len(args) else meta.get(name, param.default)
-        if param.is_constexpr or value is None or (type(value) is int and value == 1):
+        specialized = not param.do_not_specialize
+        if param.is_constexpr or value is None or (specialized and type(value) is int and value == 1):
             signature[name], constexprs[(i,)] = "constexpr", value
             continue
         if isinstance(value, torch.Tensor):
@@ -105,7 +106,7 @@ def _specialization(kernel: Any, args: tuple, meta: dict) -> tuple[dict, dict, d
             signature[name], aligned = "i1", False
         elif type(value) is int:
             signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-            aligned = value % 16 == 0
+            aligned = specialized and value % 16 == 0
         elif type(value) is float:
             signature[name], aligned = "fp32", False
         else:

@@ -117,7 +117,8 @@ class CachedLauncher:
         """``self[grid](*args, **meta)`` for a caller that memoizes everything but the tensors under ``key``.
 
         Two launches may share ``key`` only when their non-tensor arguments and ``meta`` are equal (a
-        launcher memoizes them per configuration and keys them by that memo's identity). Per launch
+        launcher memoizes them per configuration and keys them by that memo's identity), except for
+        arguments of parameters the kernel does not specialize on (``do_not_specialize``). Per launch
         only the tensors' dtypes and alignment are then read, not every argument's signature.
 
         Example (on a CUDA machine):

@@ -91,14 +91,14 @@ TWO_PASS_MAX_SET = 256
 
 
 @triton.jit
-def _program_id(SYNC, num_sets, USE_TICKET: tl.constexpr, REVERSE: tl.constexpr):
+def _program_id(SYNC, USE_TICKET: tl.constexpr, REVERSE: tl.constexpr):
     # Fused launches number programs by arrival (an atomic ticket), not by hardware start order.
     # A second pass over the input walks the tiles backwards: the first pass read the last tiles
     # last, so those are the ones still in L2.
     if USE_TICKET:
-        vid = tl.atomic_add(SYNC + 2 * num_sets, 1, sem="relaxed")
+        vid = tl.atomic_add(SYNC, 1, sem="relaxed")  # word 0: the ticket
         if vid == tl.num_programs(0) - 1:  # every ticket is taken: leave the word zero for the next launch
-            tl.atomic_xchg(SYNC + 2 * num_sets, 0, sem="relaxed")
+            tl.atomic_xchg(SYNC, 0, sem="relaxed")
     elif REVERSE:
         vid = tl.num_programs(0) - 1 - tl.program_id(0)
     else:
@@ -266,55 +266,67 @@ def _reduce_set(part, K, n_schunks, CG: tl.constexpr, S, eps,
 
 
 @triton.jit
-def _set_values(part, OUT0, OUT1, SYNC, set_id, num_sets, k, K, g, G, n_schunks, CG: tl.constexpr, S, eps,
+def _arrive(counter, K):
+    """Count this program in at its set's barrier; True for the set's last program to arrive."""
+    tl.debug_barrier()  # every thread's partial stores are issued before the release below
+    last = tl.atomic_add(counter, 1, sem="acq_rel") + 1 == K
+    tl.debug_barrier()  # and no thread reads the others' partials before the acquire
+    return last
+
+
+@triton.jit
+def _release(counter, flag, gen):
+    """The last arrival: the counter back to zero for the next launch, then the flag raised to ``gen``."""
+    tl.atomic_xchg(counter, 0, sem="relaxed")  # nobody reads it before the flag; the release orders it first
+    tl.atomic_xchg(flag, gen, sem="release")
+
+
+@triton.jit
+def _wait_for(flag, gen):
+    ready = tl.atomic_add(flag, 0, sem="acquire")
+    while ready != gen:
+        ready = tl.atomic_add(flag, 0, sem="acquire")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _set_values(part, OUT0, OUT1, SYNC, gen, set_id, k, K, g, G, n_schunks, CG: tl.constexpr, S, eps,
                 GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, KB: tl.constexpr,
                 FORWARD: tl.constexpr, WAIT: tl.constexpr, LAST: tl.constexpr, COMBINE: tl.constexpr):
     """A set's two per-group values, also stored at ``OUT0/OUT1 + g``.
 
-    Fused launch (WAIT): every program has written its partials; with LAST the program that arrives
-    last combines them and raises the set's flag while the others wait for it, else all wait for the
-    count to reach K and combine them alike. The set's two barrier words (its counter at ``set_id``,
-    its flag at ``num_sets + set_id``) start at zero and are zero again when its last program leaves:
-    they are reused by later launches (``scratch.barrier_words``). Two-pass apply launch (COMBINE): the partials are all
+    Fused launch (WAIT): every program has written its partials and counts itself in at the set's
+    counter (``SYNC + 1 + 2 * set_id``); the last to arrive (with LAST, after combining the partials)
+    sets the counter back to zero and raises the set's flag (the next word) to ``gen``, which the
+    others wait for; without LAST every program then combines the partials itself. The
+    words are kept across launches (``scratch.barrier_words``): each launch gets a ``gen`` no flag
+    holds yet, so no program has to reset a flag, and the counter is zero again for the next launch
+    once its last program has arrived. Two-pass apply launch (COMBINE): the partials are all
     written by the launch before, and every program combines them itself. Three-pass apply launch:
     read what the combine launch stored.
     """
     gmask = g < G
-    counter = SYNC + set_id
-    flag = SYNC + num_sets + set_id
+    # Each word keeps one role whatever the launch's size: a counter holding a stale flag would never
+    # count to K.
+    counter = SYNC + 1 + 2 * set_id
+    flag = counter + 1
     if WAIT and LAST:
-        tl.debug_barrier()  # every thread's partial stores are issued before the release below
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel") + 1
-        if arrived == K:
+        if _arrive(counter, K):
             v0, v1 = _reduce_set(part, K, n_schunks, CG, S, eps, GB, CB, SB, KB, FORWARD)
             tl.store(OUT0 + g, v0, mask=gmask)
             tl.store(OUT1 + g, v1, mask=gmask)
             tl.debug_barrier()
-            # Nobody reads the counter before the flag rises, so it restarts at zero here and then
-            # counts the waiters' departures; the release orders this reset before the flag.
-            tl.atomic_xchg(counter, 0, sem="relaxed")
-            tl.atomic_xchg(flag, 1, sem="release")
+            _release(counter, flag, gen)
         else:
-            ready = tl.atomic_add(flag, 0, sem="acquire")
-            while ready == 0:
-                ready = tl.atomic_add(flag, 0, sem="acquire")
-            tl.debug_barrier()
+            _wait_for(flag, gen)
             v0 = tl.load(OUT0 + g, mask=gmask, other=0.0, cache_modifier=".cg")
             v1 = tl.load(OUT1 + g, mask=gmask, other=0.0, cache_modifier=".cg")
-            if tl.atomic_add(counter, 1, sem="relaxed") + 1 == K - 1:  # the last waiter to leave
-                tl.atomic_xchg(counter, 0, sem="relaxed")
-                tl.atomic_xchg(flag, 0, sem="relaxed")
     elif WAIT or COMBINE:
         if WAIT:
-            tl.debug_barrier()
-            arrived = tl.atomic_add(counter, 1, sem="acq_rel") + 1
-            while arrived < K:
-                arrived = tl.atomic_add(counter, 0, sem="acquire")
-            tl.debug_barrier()
-            # The flag counts departures: once all K have seen the count complete, the last resets both.
-            if tl.atomic_add(flag, 1, sem="relaxed") + 1 == K:
-                tl.atomic_xchg(counter, 0, sem="relaxed")
-                tl.atomic_xchg(flag, 0, sem="relaxed")
+            if _arrive(counter, K):
+                _release(counter, flag, gen)
+            else:
+                _wait_for(flag, gen)
         v0, v1 = _reduce_set(part, K, n_schunks, CG, S, eps, GB, CB, SB, KB, FORWARD)
         if k == 0:
             tl.store(OUT0 + g, v0, mask=gmask)
@@ -343,17 +355,17 @@ def _combine_kernel(PART, OUT0, OUT1, K, n_gblocks, n_schunks, G, S, eps, CG: tl
 # ----------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["gen"])  # a new value every launch: one compiled kernel for all
 def _forward_kernel(
-    X, Y, W, B, MEAN, RSTD, PART, SYNC,
-    G, S, n_gblocks, n_schunks, K, num_sets,
+    X, Y, W, B, MEAN, RSTD, PART, SYNC, gen,
+    G, S, n_gblocks, n_schunks, K,
     sxn, sxc, sxs, syn, syc, sys_, eps,
     CG: tl.constexpr, GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, CW: tl.constexpr, KB: tl.constexpr,
     CL: tl.constexpr, CMASK: tl.constexpr, GMASK: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
     STATS: tl.constexpr, APPLY: tl.constexpr, WAIT: tl.constexpr, LAST: tl.constexpr, COMBINE: tl.constexpr,
 ):
-    vid = _program_id(SYNC, num_sets, WAIT, APPLY and not STATS)
+    vid = _program_id(SYNC, WAIT, APPLY and not STATS)
     set_id, k, n, g, kc, ks, c, cmask, onehot, s, mask = _tile_index(vid, K, n_gblocks, n_schunks, G, CG, S, GB, CB,
                                                                      SB, CW, CL, CMASK, GMASK)
     part = PART + set_id * K * 2 * GB
@@ -374,7 +386,7 @@ def _forward_kernel(
             tl.store(MEAN + n * G + g, mean, mask=g < G)
             tl.store(RSTD + n * G + g, rstd, mask=g < G)
         else:
-            mean, rstd = _set_values(part, MEAN + n * G, RSTD + n * G, SYNC, set_id, num_sets, k, K, g, G,
+            mean, rstd = _set_values(part, MEAN + n * G, RSTD + n * G, SYNC, gen, set_id, k, K, g, G,
                                      n_schunks, CG, S, eps, GB, CB, SB, KB, True, WAIT, LAST, COMBINE)
         w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
         scale = _per_group(rstd, onehot, GB, CG, CW, CL) * _per_channel(w, CL)
@@ -389,10 +401,10 @@ def _forward_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["gen"])
 def _backward_kernel(
-    X, DY, DX, W, B, MEAN, RSTD, SCRATCH, SYNC,
-    C, G, S, n_gblocks, n_schunks, K, num_sets, csum_half, grad0_at, grad1_at, part_at,
+    X, DY, DX, W, B, MEAN, RSTD, SCRATCH, SYNC, gen,
+    C, G, S, n_gblocks, n_schunks, K, csum_half, grad0_at, grad1_at, part_at,
     sxn, sxc, sxs, sdn, sdc, sds, sgn, sgc, sgs,
     CG: tl.constexpr, GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, CW: tl.constexpr, KB: tl.constexpr,
     CL: tl.constexpr, CMASK: tl.constexpr, GMASK: tl.constexpr,
@@ -400,7 +412,7 @@ def _backward_kernel(
     PARAM_GRADS: tl.constexpr,
     STATS: tl.constexpr, APPLY: tl.constexpr, WAIT: tl.constexpr, LAST: tl.constexpr, COMBINE: tl.constexpr,
 ):
-    vid = _program_id(SYNC, num_sets, WAIT, APPLY and not STATS)
+    vid = _program_id(SYNC, WAIT, APPLY and not STATS)
     set_id, k, n, g, kc, ks, c, cmask, onehot, s, mask = _tile_index(vid, K, n_gblocks, n_schunks, G, CG, S, GB, CB,
                                                                      SB, CW, CL, CMASK, GMASK)
     # scratch (``_backward_scratch``): per-channel sums of dy' (then of dy' * xhat), group means, partials
@@ -436,7 +448,7 @@ def _backward_kernel(
             mean_gx = group_dy_xhat / (CG * 1.0 * S)
         else:
             mean_g, mean_gx = _set_values(part, SCRATCH + grad0_at + n * G, SCRATCH + grad1_at + n * G, SYNC,
-                                          set_id, num_sets, k, K, g, G, n_schunks, CG, S, 0.0, GB, CB, SB, KB,
+                                          gen, set_id, k, K, g, G, n_schunks, CG, S, 0.0, GB, CB, SB, KB,
                                           False, WAIT, LAST, COMBINE)
         centred = dy * _per_channel(w, CL) - _per_group(mean_g, onehot, GB, CG, CW, CL)
         dx = (centred - xhat * _per_group(mean_gx, onehot, GB, CG, CW, CL)) * rstd_t
@@ -584,9 +596,9 @@ def _cached_plan(n: int, c: int, s: int, channels_last: bool, element_size: int,
                  last_combines, row_channels, channel_mask, num_groups % shape.groups != 0)
 
 
-def _barrier_words(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """A counter and a flag per set and the ticket, zero (fused launches leave them zero); else any words."""
-    return barrier_words(x.device, 2 * plan.num_sets + 1 if plan.strategy == "fused" else 1)
+def _barrier_words(x: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, int]:
+    """The ticket, then a counter and a flag per set (any word without a barrier), and their generation."""
+    return barrier_words(x.device, 1 + 2 * plan.num_sets if plan.strategy == "fused" else 1)
 
 
 def _round16(n: int) -> int:
@@ -628,8 +640,7 @@ def _steps(plan: _Plan, scalars: tuple, constexprs: dict) -> tuple[_Step, ...]:
 def _forward_steps(plan: _Plan, num_groups: int, cg: int, s: int, x_strides: tuple[int, int, int],
                    y_strides: tuple[int, int, int], eps: float, has_w: bool, has_b: bool,
                    silu: bool) -> tuple[_Step, ...]:
-    scalars = (num_groups, s, plan.n_gblocks, plan.n_schunks, plan.per_set, plan.num_sets, *x_strides, *y_strides,
-               eps)
+    scalars = (num_groups, s, plan.n_gblocks, plan.n_schunks, plan.per_set, *x_strides, *y_strides, eps)
     return _steps(plan, scalars, dict(CG=cg, HAS_W=has_w, HAS_B=has_b, SILU=silu))
 
 
@@ -637,7 +648,7 @@ def _forward_steps(plan: _Plan, num_groups: int, cg: int, s: int, x_strides: tup
 def _backward_steps(plan: _Plan, num_groups: int, c: int, s: int, strides: tuple[int, ...],
                     scratch_at: tuple[int, int, int, int], has_w: bool, has_b: bool,
                     silu: bool) -> tuple[_Step, ...]:
-    scalars = (c, num_groups, s, plan.n_gblocks, plan.n_schunks, plan.per_set, plan.num_sets, *scratch_at, *strides)
+    scalars = (c, num_groups, s, plan.n_gblocks, plan.n_schunks, plan.per_set, *scratch_at, *strides)
     return _steps(plan, scalars, dict(CG=c // num_groups, HAS_W=has_w, HAS_B=has_b, SILU=silu,
                                       PARAM_GRADS=has_w or has_b))
 
@@ -686,13 +697,15 @@ def forward(
     rstd = torch.empty_like(mean)
     plan = _plan(x, x_strides, num_groups, tile or FORWARD_TILE, x.numel() * x.element_size())
     has_w, has_b = weight is not None, bias is not None
-    tensors = (x, y, weight if has_w else x, bias if has_b else x, mean, rstd,
-               scratch(x.device, _partials(plan)), _barrier_words(x, plan))
+    words, generation = _barrier_words(x, plan)
+    part = scratch(x.device, _partials(plan))
+    # the arguments that change from call to call: tensors, and the barrier's generation (not specialized on)
+    per_call = (x, y, weight if has_w else x, bias if has_b else x, mean, rstd, part, words, generation)
     steps = _forward_steps(plan, num_groups, cg, s, x_strides, y_strides, eps, has_w, has_b, silu)
     for launch, step in enumerate(steps):
         if launch == 1 and plan.strategy == "three_pass":
-            _combine(tensors[6], mean, rstd, plan, num_groups, cg, s, eps, forward=True)
-        launch_keyed(_forward_kernel, step.grid, step.key, tensors + step.scalars, step.meta)
+            _combine(part, mean, rstd, plan, num_groups, cg, s, eps, forward=True)
+        launch_keyed(_forward_kernel, step.grid, step.key, per_call + step.scalars, step.meta)
     return y, mean, rstd
 
 
@@ -728,13 +741,14 @@ def backward(
     grad1_at = grad0_at + n * num_groups
     part_at = _round16(grad1_at + n * num_groups)
     work = scratch(x.device, part_at + _partials(plan))
-    tensors = (x, dy, dx, weight if has_w else x, bias if has_b else x, mean, rstd, work, _barrier_words(x, plan))
+    words, generation = _barrier_words(x, plan)
+    per_call = (x, dy, dx, weight if has_w else x, bias if has_b else x, mean, rstd, work, words, generation)
     steps = _backward_steps(plan, num_groups, c, s, (*x_strides, *dy_strides, *dx_strides),
                             (csum_half, grad0_at, grad1_at, part_at), has_w, has_b, silu)
     for launch, step in enumerate(steps):
         if launch == 1 and plan.strategy == "three_pass":
             _combine(work[part_at:], work[grad0_at:], work[grad1_at:], plan, num_groups, cg, s, 0.0, forward=False)
-        launch_keyed(_backward_kernel, step.grid, step.key, tensors + step.scalars, step.meta)
+        launch_keyed(_backward_kernel, step.grid, step.key, per_call + step.scalars, step.meta)
     if not param_grads:
         return dx, None, None
     # One fixed-order reduction for both (deterministic; one launch less than two). dweight and dbias

@@ -10,13 +10,15 @@ of each kind and hands it out again:
 * :func:`scratch` returns fp32 memory of undefined contents. Launches on one stream run in order,
   so a launch may use it freely while no tensor it returns is a view of it that outlives the next
   launch on that stream.
-* :func:`barrier_words` returns int32 words that are zero whenever no launch is running on the
-  stream. Every kernel that uses them must leave them zero when it ends (the GroupNorm kernels'
-  barriers reset their counters and flags on the way out).
+* :func:`barrier_words` returns int32 words and a *generation*: a number none of the words has
+  held yet (1, 2, 3, ... per buffer). A barrier counts arrivals in a word that it leaves zero
+  again, and signals with a flag set to the generation, so flags never need resetting: a waiter
+  waits for the flag to equal its launch's generation, which no earlier launch wrote. Should the
+  generations run out (2**31 launches), the words are replaced by fresh zeros.
 
 While the current stream is being captured into a CUDA graph, both return fresh memory (the
-barrier words zeroed by a captured memset): a graph must not share buffers with eager launches that
-may run on another stream while it replays. Streams are told apart by their handle; torch's stream
+barrier words zeroed by a captured memset, generation 1): a graph must not share buffers with eager
+launches that may run on another stream while it replays, and each replay zeroes its words again. Streams are told apart by their handle; torch's stream
 pool never destroys its streams, so a handle names one stream for the life of the process.
 """
 
@@ -31,6 +33,8 @@ __all__ = ["scratch", "barrier_words"]
 # (device, stream handle) -> buffer. Few entries: one per stream that ever ran a launch.
 _scratch: dict[tuple[torch.device, int], torch.Tensor] = {}
 _barriers: dict[tuple[torch.device, int], torch.Tensor] = {}
+_generations: dict[tuple[torch.device, int], int] = {}  # the last generation handed out with the words
+_LAST_GENERATION = 2**31 - 1  # generations stay int32
 
 
 def _stream_key(device: torch.device) -> tuple[torch.device, int] | None:
@@ -43,17 +47,14 @@ def _stream_key(device: torch.device) -> tuple[torch.device, int] | None:
     return device, torch._C._cuda_getCurrentRawStream(index)
 
 
-def _reused(buffers: dict, device: torch.device, numel: int, dtype: torch.dtype,
+def _reused(buffers: dict, key: tuple[torch.device, int], numel: int, dtype: torch.dtype,
             allocate: Callable[..., torch.Tensor]) -> torch.Tensor:
-    key = _stream_key(device)
-    if key is None:
-        return allocate(numel, device=device, dtype=dtype)
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
         # Grow geometrically; the old buffer goes back to the caching allocator, which reuses it only
         # for work queued after the launches that still use it on this stream.
         size = numel if buffer is None else max(numel, 2 * buffer.numel())
-        buffer = buffers[key] = allocate(size, device=device, dtype=dtype)
+        buffer = buffers[key] = allocate(size, device=key[0], dtype=dtype)
     return buffer
 
 
@@ -65,15 +66,29 @@ def scratch(device: torch.device, numel: int) -> torch.Tensor:
         >>> buf.dtype, buf.numel() >= 10, scratch(torch.device("cpu"), 4) is buf
         (torch.float32, True, True)
     """
-    return _reused(_scratch, device, numel, torch.float32, torch.empty)
+    key = _stream_key(device)
+    if key is None:
+        return torch.empty(numel, device=device, dtype=torch.float32)
+    return _reused(_scratch, key, numel, torch.float32, torch.empty)
 
 
-def barrier_words(device: torch.device, numel: int) -> torch.Tensor:
-    """At least ``numel`` int32 words on ``device``, zero; the caller's kernels must leave them zero.
+def barrier_words(device: torch.device, numel: int) -> tuple[torch.Tensor, int]:
+    """At least ``numel`` int32 words on ``device`` and this launch's generation (module docstring).
+
+    Counters in the words must be zero again when a launch ends; flags may hold its generation.
 
     Example:
-        >>> words = barrier_words(torch.device("cpu"), 5)
-        >>> words.dtype, int(words.abs().sum())
-        (torch.int32, 0)
+        >>> words, generation = barrier_words(torch.device("cpu"), 5)
+        >>> words.dtype, int(words.abs().sum()), barrier_words(torch.device("cpu"), 5)[1] == generation + 1
+        (torch.int32, 0, True)
     """
-    return _reused(_barriers, device, numel, torch.int32, torch.zeros)
+    key = _stream_key(device)
+    if key is None:
+        return torch.zeros(numel, device=device, dtype=torch.int32), 1
+    words = _reused(_barriers, key, numel, torch.int32, torch.zeros)
+    generation = _generations.get(key, 0) + 1
+    if generation >= _LAST_GENERATION:
+        words = _barriers[key] = torch.zeros(words.numel(), device=device, dtype=torch.int32)
+        generation = 1
+    _generations[key] = generation
+    return words, generation
