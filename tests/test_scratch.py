@@ -1,5 +1,5 @@
 """slipstream.ops.kernels.scratch: buffers reused per (device, stream), grown on demand, fresh while capturing;
-barrier words come with a new generation each time."""
+barrier words are two halves that swap on every call."""
 
 import pytest
 import torch
@@ -16,7 +16,6 @@ CPU = torch.device("cpu")
 def fresh_buffers(monkeypatch):
     monkeypatch.setattr(scratch_module, "_scratch", {})
     monkeypatch.setattr(scratch_module, "_barriers", {})
-    monkeypatch.setattr(scratch_module, "_generations", {})
 
 
 def test_scratch_is_reused_and_grows_geometrically():
@@ -28,21 +27,14 @@ def test_scratch_is_reused_and_grows_geometrically():
     assert scratch(CPU, 1000).numel() == 1000
 
 
-def test_barrier_words_start_zero_are_reused_and_come_with_a_new_generation_each_time():
-    words, first = barrier_words(CPU, 9)
-    assert words.dtype == torch.int32 and words.numel() == 9 and not words.any()
-    again, second = barrier_words(CPU, 3)
-    assert again is words and second == first + 1
-    grown, third = barrier_words(CPU, 10)
-    assert grown.numel() == 18 and not grown.any() and third == second + 1
-
-
-def test_generations_that_run_out_start_over_on_fresh_zeros(monkeypatch):
-    words, _ = barrier_words(CPU, 4)
-    words.fill_(7)  # flags that hold generations
-    monkeypatch.setattr(scratch_module, "_LAST_GENERATION", 2)  # the next one, 2, is past the last
-    fresh, generation = barrier_words(CPU, 4)
-    assert generation == 1 and fresh is not words and not fresh.any()
+def test_barrier_words_are_two_zeroed_halves_that_swap_on_every_call():
+    words, next_words = barrier_words(CPU, 9)
+    assert words.dtype == torch.int32 and words.numel() == next_words.numel() == 9
+    assert not words.any() and not next_words.any() and words.data_ptr() != next_words.data_ptr()
+    again, after = barrier_words(CPU, 3)
+    assert again is next_words and after is words  # what one launch cleared, the next counts in
+    grown, grown_next = barrier_words(CPU, 10)
+    assert grown.numel() == grown_next.numel() == 18 and not grown.any() and not grown_next.any()
 
 
 def test_scratch_and_barrier_words_are_separate():
@@ -59,6 +51,7 @@ def test_each_stream_has_its_own_buffers_and_a_capture_gets_fresh_ones():
         assert on_side.data_ptr() != on_default.data_ptr() and scratch(device, 64) is on_side
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured_scratch, (captured_words, generation) = scratch(device, 64), barrier_words(device, 64)
-    assert generation == 1  # the capture's own zeroed words
-    assert captured_scratch is not scratch(device, 64) and captured_words is not barrier_words(device, 64)[0]
+        captured_scratch, (captured_words, captured_next) = scratch(device, 64), barrier_words(device, 64)
+    eager_words = barrier_words(device, 64)
+    assert captured_scratch is not scratch(device, 64)
+    assert not {captured_words.data_ptr(), captured_next.data_ptr()} & {t.data_ptr() for t in eager_words}

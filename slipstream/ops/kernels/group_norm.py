@@ -97,8 +97,6 @@ def _program_id(SYNC, USE_TICKET: tl.constexpr, REVERSE: tl.constexpr):
     # last, so those are the ones still in L2.
     if USE_TICKET:
         vid = tl.atomic_add(SYNC, 1, sem="relaxed")  # word 0: the ticket
-        if vid == tl.num_programs(0) - 1:  # every ticket is taken: leave the word zero for the next launch
-            tl.atomic_xchg(SYNC, 0, sem="relaxed")
     elif REVERSE:
         vid = tl.num_programs(0) - 1 - tl.program_id(0)
     else:
@@ -266,67 +264,53 @@ def _reduce_set(part, K, n_schunks, CG: tl.constexpr, S, eps,
 
 
 @triton.jit
-def _arrive(counter, K):
-    """Count this program in at its set's barrier; True for the set's last program to arrive."""
-    tl.debug_barrier()  # every thread's partial stores are issued before the release below
-    last = tl.atomic_add(counter, 1, sem="acq_rel") + 1 == K
-    tl.debug_barrier()  # and no thread reads the others' partials before the acquire
-    return last
+def _clear_for_next_launch(SYNC_NEXT, words, BLOCK: tl.constexpr = 128):
+    """Zero this program's share of the barrier words the next fused launch on this stream will use."""
+    for start in range(tl.program_id(0) * BLOCK, words, tl.num_programs(0) * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        tl.store(SYNC_NEXT + offs, tl.zeros([BLOCK], tl.int32), mask=offs < words)
 
 
 @triton.jit
-def _release(counter, flag, gen):
-    """The last arrival: the counter back to zero for the next launch, then the flag raised to ``gen``."""
-    tl.atomic_xchg(counter, 0, sem="relaxed")  # nobody reads it before the flag; the release orders it first
-    tl.atomic_xchg(flag, gen, sem="release")
-
-
-@triton.jit
-def _wait_for(flag, gen):
-    ready = tl.atomic_add(flag, 0, sem="acquire")
-    while ready != gen:
-        ready = tl.atomic_add(flag, 0, sem="acquire")
-    tl.debug_barrier()
-
-
-@triton.jit
-def _set_values(part, OUT0, OUT1, SYNC, gen, set_id, k, K, g, G, n_schunks, CG: tl.constexpr, S, eps,
+def _set_values(part, OUT0, OUT1, SYNC, set_id, k, K, g, G, n_schunks, CG: tl.constexpr, S, eps,
                 GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, KB: tl.constexpr,
                 FORWARD: tl.constexpr, WAIT: tl.constexpr, LAST: tl.constexpr, COMBINE: tl.constexpr):
     """A set's two per-group values, also stored at ``OUT0/OUT1 + g``.
 
-    Fused launch (WAIT): every program has written its partials and counts itself in at the set's
-    counter (``SYNC + 1 + 2 * set_id``); the last to arrive (with LAST, after combining the partials)
-    sets the counter back to zero and raises the set's flag (the next word) to ``gen``, which the
-    others wait for; without LAST every program then combines the partials itself. The
-    words are kept across launches (``scratch.barrier_words``): each launch gets a ``gen`` no flag
-    holds yet, so no program has to reset a flag, and the counter is zero again for the next launch
-    once its last program has arrived. Two-pass apply launch (COMBINE): the partials are all
+    Fused launch (WAIT): every program has written its partials; with LAST the program that arrives
+    last combines them and raises the set's flag while the others wait for it, else all wait for the
+    count to reach K and combine them alike. The set's counter is word ``1 + 2 * set_id`` of
+    ``SYNC`` and its flag the next one: each word keeps one role whatever the launch's size, so the
+    words zeroed for a launch are zero wherever it counts. Two-pass apply launch (COMBINE): the partials are all
     written by the launch before, and every program combines them itself. Three-pass apply launch:
     read what the combine launch stored.
     """
     gmask = g < G
-    # Each word keeps one role whatever the launch's size: a counter holding a stale flag would never
-    # count to K.
     counter = SYNC + 1 + 2 * set_id
     flag = counter + 1
     if WAIT and LAST:
-        if _arrive(counter, K):
+        tl.debug_barrier()  # every thread's partial stores are issued before the release below
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel") + 1
+        if arrived == K:
             v0, v1 = _reduce_set(part, K, n_schunks, CG, S, eps, GB, CB, SB, KB, FORWARD)
             tl.store(OUT0 + g, v0, mask=gmask)
             tl.store(OUT1 + g, v1, mask=gmask)
             tl.debug_barrier()
-            _release(counter, flag, gen)
+            tl.atomic_xchg(flag, 1, sem="release")
         else:
-            _wait_for(flag, gen)
+            ready = tl.atomic_add(flag, 0, sem="acquire")
+            while ready == 0:
+                ready = tl.atomic_add(flag, 0, sem="acquire")
+            tl.debug_barrier()
             v0 = tl.load(OUT0 + g, mask=gmask, other=0.0, cache_modifier=".cg")
             v1 = tl.load(OUT1 + g, mask=gmask, other=0.0, cache_modifier=".cg")
     elif WAIT or COMBINE:
         if WAIT:
-            if _arrive(counter, K):
-                _release(counter, flag, gen)
-            else:
-                _wait_for(flag, gen)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel") + 1
+            while arrived < K:
+                arrived = tl.atomic_add(counter, 0, sem="acquire")
+            tl.debug_barrier()
         v0, v1 = _reduce_set(part, K, n_schunks, CG, S, eps, GB, CB, SB, KB, FORWARD)
         if k == 0:
             tl.store(OUT0 + g, v0, mask=gmask)
@@ -355,9 +339,9 @@ def _combine_kernel(PART, OUT0, OUT1, K, n_gblocks, n_schunks, G, S, eps, CG: tl
 # ----------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["gen"])  # a new value every launch: one compiled kernel for all
+@triton.jit(do_not_specialize=["sync_words"])  # grows with the buffer: one compiled kernel for all sizes
 def _forward_kernel(
-    X, Y, W, B, MEAN, RSTD, PART, SYNC, gen,
+    X, Y, W, B, MEAN, RSTD, PART, SYNC, SYNC_NEXT, sync_words,
     G, S, n_gblocks, n_schunks, K,
     sxn, sxc, sxs, syn, syc, sys_, eps,
     CG: tl.constexpr, GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, CW: tl.constexpr, KB: tl.constexpr,
@@ -365,6 +349,8 @@ def _forward_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
     STATS: tl.constexpr, APPLY: tl.constexpr, WAIT: tl.constexpr, LAST: tl.constexpr, COMBINE: tl.constexpr,
 ):
+    if WAIT:
+        _clear_for_next_launch(SYNC_NEXT, sync_words)
     vid = _program_id(SYNC, WAIT, APPLY and not STATS)
     set_id, k, n, g, kc, ks, c, cmask, onehot, s, mask = _tile_index(vid, K, n_gblocks, n_schunks, G, CG, S, GB, CB,
                                                                      SB, CW, CL, CMASK, GMASK)
@@ -386,7 +372,7 @@ def _forward_kernel(
             tl.store(MEAN + n * G + g, mean, mask=g < G)
             tl.store(RSTD + n * G + g, rstd, mask=g < G)
         else:
-            mean, rstd = _set_values(part, MEAN + n * G, RSTD + n * G, SYNC, gen, set_id, k, K, g, G,
+            mean, rstd = _set_values(part, MEAN + n * G, RSTD + n * G, SYNC, set_id, k, K, g, G,
                                      n_schunks, CG, S, eps, GB, CB, SB, KB, True, WAIT, LAST, COMBINE)
         w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
         scale = _per_group(rstd, onehot, GB, CG, CW, CL) * _per_channel(w, CL)
@@ -401,9 +387,9 @@ def _forward_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["gen"])
+@triton.jit(do_not_specialize=["sync_words"])
 def _backward_kernel(
-    X, DY, DX, W, B, MEAN, RSTD, SCRATCH, SYNC, gen,
+    X, DY, DX, W, B, MEAN, RSTD, SCRATCH, SYNC, SYNC_NEXT, sync_words,
     C, G, S, n_gblocks, n_schunks, K, csum_half, grad0_at, grad1_at, part_at,
     sxn, sxc, sxs, sdn, sdc, sds, sgn, sgc, sgs,
     CG: tl.constexpr, GB: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, CW: tl.constexpr, KB: tl.constexpr,
@@ -412,6 +398,8 @@ def _backward_kernel(
     PARAM_GRADS: tl.constexpr,
     STATS: tl.constexpr, APPLY: tl.constexpr, WAIT: tl.constexpr, LAST: tl.constexpr, COMBINE: tl.constexpr,
 ):
+    if WAIT:
+        _clear_for_next_launch(SYNC_NEXT, sync_words)
     vid = _program_id(SYNC, WAIT, APPLY and not STATS)
     set_id, k, n, g, kc, ks, c, cmask, onehot, s, mask = _tile_index(vid, K, n_gblocks, n_schunks, G, CG, S, GB, CB,
                                                                      SB, CW, CL, CMASK, GMASK)
@@ -448,7 +436,7 @@ def _backward_kernel(
             mean_gx = group_dy_xhat / (CG * 1.0 * S)
         else:
             mean_g, mean_gx = _set_values(part, SCRATCH + grad0_at + n * G, SCRATCH + grad1_at + n * G, SYNC,
-                                          gen, set_id, k, K, g, G, n_schunks, CG, S, 0.0, GB, CB, SB, KB,
+                                          set_id, k, K, g, G, n_schunks, CG, S, 0.0, GB, CB, SB, KB,
                                           False, WAIT, LAST, COMBINE)
         centred = dy * _per_channel(w, CL) - _per_group(mean_g, onehot, GB, CG, CW, CL)
         dx = (centred - xhat * _per_group(mean_gx, onehot, GB, CG, CW, CL)) * rstd_t
@@ -596,9 +584,13 @@ def _cached_plan(n: int, c: int, s: int, channels_last: bool, element_size: int,
                  last_combines, row_channels, channel_mask, num_groups % shape.groups != 0)
 
 
-def _barrier_words(x: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, int]:
-    """The ticket, then a counter and a flag per set (any word without a barrier), and their generation."""
-    return barrier_words(x.device, 1 + 2 * plan.num_sets if plan.strategy == "fused" else 1)
+def _barrier_words(plan: _Plan, placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The launch's barrier words (the ticket, then a counter and a flag per set), the words it zeroes
+    for the next fused launch, and how many; without a barrier, ``placeholder`` (never read) twice."""
+    if plan.strategy != "fused":
+        return placeholder, placeholder, 0
+    words, next_words = barrier_words(placeholder.device, 1 + 2 * plan.num_sets)
+    return words, next_words, next_words.numel()
 
 
 def _round16(n: int) -> int:
@@ -697,10 +689,9 @@ def forward(
     rstd = torch.empty_like(mean)
     plan = _plan(x, x_strides, num_groups, tile or FORWARD_TILE, x.numel() * x.element_size())
     has_w, has_b = weight is not None, bias is not None
-    words, generation = _barrier_words(x, plan)
     part = scratch(x.device, _partials(plan))
-    # the arguments that change from call to call: tensors, and the barrier's generation (not specialized on)
-    per_call = (x, y, weight if has_w else x, bias if has_b else x, mean, rstd, part, words, generation)
+    # the arguments that change from call to call: tensors, and the barrier buffer's size (not specialized on)
+    per_call = (x, y, weight if has_w else x, bias if has_b else x, mean, rstd, part, *_barrier_words(plan, part))
     steps = _forward_steps(plan, num_groups, cg, s, x_strides, y_strides, eps, has_w, has_b, silu)
     for launch, step in enumerate(steps):
         if launch == 1 and plan.strategy == "three_pass":
@@ -741,8 +732,8 @@ def backward(
     grad1_at = grad0_at + n * num_groups
     part_at = _round16(grad1_at + n * num_groups)
     work = scratch(x.device, part_at + _partials(plan))
-    words, generation = _barrier_words(x, plan)
-    per_call = (x, dy, dx, weight if has_w else x, bias if has_b else x, mean, rstd, work, words, generation)
+    per_call = (x, dy, dx, weight if has_w else x, bias if has_b else x, mean, rstd, work,
+                *_barrier_words(plan, work))
     steps = _backward_steps(plan, num_groups, c, s, (*x_strides, *dy_strides, *dx_strides),
                             (csum_half, grad0_at, grad1_at, part_at), has_w, has_b, silu)
     for launch, step in enumerate(steps):

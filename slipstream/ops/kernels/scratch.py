@@ -10,16 +10,17 @@ of each kind and hands it out again:
 * :func:`scratch` returns fp32 memory of undefined contents. Launches on one stream run in order,
   so a launch may use it freely while no tensor it returns is a view of it that outlives the next
   launch on that stream.
-* :func:`barrier_words` returns int32 words and a *generation*: a number none of the words has
-  held yet (1, 2, 3, ... per buffer). A barrier counts arrivals in a word that it leaves zero
-  again, and signals with a flag set to the generation, so flags never need resetting: a waiter
-  waits for the flag to equal its launch's generation, which no earlier launch wrote. Should the
-  generations run out (2**31 launches), the words are replaced by fresh zeros.
+* :func:`barrier_words` returns two halves of an int32 buffer: words that are zero for this launch,
+  and words the launch must zero for the next one. The halves swap on every call, so a launch
+  never has to reset the words it counts in (which would put a reset on its barrier's critical
+  path): the launch after it clears them, while using the other half. Launches on one stream run
+  in order, so each half is cleared by one launch and used by the next.
 
 While the current stream is being captured into a CUDA graph, both return fresh memory (the
-barrier words zeroed by a captured memset, generation 1): a graph must not share buffers with eager
-launches that may run on another stream while it replays, and each replay zeroes its words again. Streams are told apart by their handle; torch's stream
-pool never destroys its streams, so a handle names one stream for the life of the process.
+barrier words zeroed by a captured memset): a graph must not share buffers with eager launches that
+may run on another stream while it replays, and each replay zeroes its words again. Streams are
+told apart by their handle; torch's stream pool never destroys its streams, so a handle names one
+stream for the life of the process.
 """
 
 from __future__ import annotations
@@ -32,9 +33,7 @@ __all__ = ["scratch", "barrier_words"]
 
 # (device, stream handle) -> buffer. Few entries: one per stream that ever ran a launch.
 _scratch: dict[tuple[torch.device, int], torch.Tensor] = {}
-_barriers: dict[tuple[torch.device, int], torch.Tensor] = {}
-_generations: dict[tuple[torch.device, int], int] = {}  # the last generation handed out with the words
-_LAST_GENERATION = 2**31 - 1  # generations stay int32
+_barriers: dict[tuple[torch.device, int], "_Halves"] = {}
 
 
 def _stream_key(device: torch.device) -> tuple[torch.device, int] | None:
@@ -72,23 +71,33 @@ def scratch(device: torch.device, numel: int) -> torch.Tensor:
     return _reused(_scratch, key, numel, torch.float32, torch.empty)
 
 
-def barrier_words(device: torch.device, numel: int) -> tuple[torch.Tensor, int]:
-    """At least ``numel`` int32 words on ``device`` and this launch's generation (module docstring).
+class _Halves:
+    """A zeroed int32 buffer as two halves (views made once), and which one the next launch counts in."""
 
-    Counters in the words must be zero again when a launch ends; flags may hold its generation.
+    def __init__(self, device: torch.device, capacity: int) -> None:
+        self.halves = torch.zeros(2 * capacity, device=device, dtype=torch.int32).split(capacity)
+        self.capacity = capacity
+        self.current = 0
+
+
+def barrier_words(device: torch.device, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Barrier words for one launch: ``(words, next_words)``, each at least ``numel`` long.
+
+    ``words`` are zero; the launch must zero all of ``next_words`` (its every element) for the next
+    caller on this stream, and may leave ``words`` as it likes (module docstring).
 
     Example:
-        >>> words, generation = barrier_words(torch.device("cpu"), 5)
-        >>> words.dtype, int(words.abs().sum()), barrier_words(torch.device("cpu"), 5)[1] == generation + 1
-        (torch.int32, 0, True)
+        >>> words, next_words = barrier_words(torch.device("cpu"), 5)
+        >>> int(words.abs().sum()), barrier_words(torch.device("cpu"), 5)[0] is next_words
+        (0, True)
     """
     key = _stream_key(device)
     if key is None:
-        return torch.zeros(numel, device=device, dtype=torch.int32), 1
-    words = _reused(_barriers, key, numel, torch.int32, torch.zeros)
-    generation = _generations.get(key, 0) + 1
-    if generation >= _LAST_GENERATION:
-        words = _barriers[key] = torch.zeros(words.numel(), device=device, dtype=torch.int32)
-        generation = 1
-    _generations[key] = generation
-    return words, generation
+        return torch.zeros(2 * numel, device=device, dtype=torch.int32).split(numel)
+    buffer = _barriers.get(key)
+    if buffer is None or buffer.capacity < numel:
+        capacity = numel if buffer is None else max(numel, 2 * buffer.capacity)
+        buffer = _barriers[key] = _Halves(device, capacity)
+    words, next_words = buffer.halves[buffer.current], buffer.halves[1 - buffer.current]
+    buffer.current = 1 - buffer.current
+    return words, next_words
