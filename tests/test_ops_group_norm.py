@@ -205,8 +205,10 @@ def test_calls_reusing_scratch_and_barrier_words(monkeypatch, device, strategy):
         assert rel_err(dweight, ref_grads[1]) < PARAM_TOL and rel_err(dbias, ref_grads[2]) < PARAM_TOL
     if device == "cuda":
         torch.cuda.synchronize()
-    next_launch_words, _ = barrier_words(inputs[0].device, 1)
+    # Take the next launch's turn: its words must be zero, and it must clear the half after it.
+    next_launch_words, words_after = barrier_words(inputs[0].device, 1)
     assert not next_launch_words.any()
+    words_after.zero_()
 
 
 @pytest.mark.parametrize("device", DEVICES)
