@@ -82,7 +82,7 @@ def launcher(traceable: bool) -> Callable[[Kernel], Kernel]:
 
 
 def launch_keyed(kernel: Kernel, grid: tuple[int, ...], key: Hashable, args: tuple, meta: dict) -> None:
-    """An eager ``kernel[grid](*args, **meta)`` whose non-tensor arguments and ``meta`` the caller memoized under ``key``.
+    """An eager ``kernel[grid](*args, **meta)``, everything but its tensors memoized by the caller under ``key``.
 
     With cached launches this is
     :meth:`~slipstream.ops.kernels.cached_launch.CachedLauncher.launch_keyed` (only the tensors are
