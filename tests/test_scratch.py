@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("triton")
 
 from slipstream.ops.kernels import scratch as scratch_module  # noqa: E402
-from slipstream.ops.kernels.scratch import barrier_words, scratch  # noqa: E402
+from slipstream.ops.kernels.scratch import barrier_words, discard_barrier_words, scratch  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -35,6 +35,35 @@ def test_barrier_words_are_two_zeroed_halves_that_swap_on_every_call():
     assert again is next_words and after is words  # what one launch cleared, the next counts in
     grown, grown_next = barrier_words(CPU, 10)
     assert grown.numel() == grown_next.numel() == 18 and not grown.any() and not grown_next.any()
+
+
+def test_each_thread_has_its_own_buffers():
+    """Barrier words must be used in the order they are handed out: one thread's order, not two threads'."""
+    import threading
+
+    mine = barrier_words(CPU, 4)[0], scratch(CPU, 4)
+    theirs = []
+    thread = threading.Thread(target=lambda: theirs.extend((barrier_words(CPU, 4)[0], scratch(CPU, 4))))
+    thread.start()
+    thread.join()
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(mine, theirs))
+
+
+def test_discarded_barrier_words_are_replaced_by_fresh_zeros():
+    words, next_words = barrier_words(CPU, 4)
+    next_words.fill_(3)  # a launch that took its turn and never ran: the next words were not cleared
+    discard_barrier_words(CPU)
+    fresh, _ = barrier_words(CPU, 4)
+    assert fresh is not next_words and not fresh.any()
+
+
+def test_a_failed_fused_launch_gives_up_its_turn(monkeypatch):
+    triton_kernels = pytest.importorskip("slipstream.ops.kernels.group_norm")
+    x = torch.randn(2, 4, 3)
+    plan = triton_kernels._plan(x, triton_kernels._ncs_strides(x), 2, 4, 0)
+    words, next_words = barrier_words(CPU, 4)
+    triton_kernels._lose_barrier_turn(x, plan._replace(strategy="fused"))
+    assert barrier_words(CPU, 4)[0] is not next_words
 
 
 def test_scratch_and_barrier_words_are_separate():

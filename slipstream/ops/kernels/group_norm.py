@@ -53,7 +53,7 @@ import triton.language as tl
 from slipstream.ops._backend import interpreting
 from slipstream.ops._triton_op import launch_keyed, launcher
 from slipstream.ops.kernels.host_math import cdiv, next_power_of_2
-from slipstream.ops.kernels.scratch import barrier_words, scratch
+from slipstream.ops.kernels.scratch import barrier_words, discard_barrier_words, scratch
 
 __all__ = ["forward", "backward", "TileShape", "tile_shape"]
 
@@ -593,6 +593,13 @@ def _barrier_words(plan: _Plan, placeholder: torch.Tensor) -> tuple[torch.Tensor
     return words, next_words, next_words.numel()
 
 
+def _lose_barrier_turn(x: torch.Tensor, plan: _Plan) -> None:
+    """After a launch failed (a kernel that does not compile): a fused launch's turn of the barrier
+    words is lost, and the words the next launch would count in were never zeroed, so drop them."""
+    if plan.strategy == "fused":
+        discard_barrier_words(x.device)
+
+
 def _round16(n: int) -> int:
     return (n + 15) // 16 * 16
 
@@ -689,14 +696,18 @@ def forward(
     rstd = torch.empty_like(mean)
     plan = _plan(x, x_strides, num_groups, tile or FORWARD_TILE, x.numel() * x.element_size())
     has_w, has_b = weight is not None, bias is not None
+    steps = _forward_steps(plan, num_groups, cg, s, x_strides, y_strides, eps, has_w, has_b, silu)
     part = scratch(x.device, _partials(plan))
     # the arguments that change from call to call: tensors, and the barrier buffer's size (not specialized on)
     per_call = (x, y, weight if has_w else x, bias if has_b else x, mean, rstd, part, *_barrier_words(plan, part))
-    steps = _forward_steps(plan, num_groups, cg, s, x_strides, y_strides, eps, has_w, has_b, silu)
-    for launch, step in enumerate(steps):
-        if launch == 1 and plan.strategy == "three_pass":
-            _combine(part, mean, rstd, plan, num_groups, cg, s, eps, forward=True)
-        launch_keyed(_forward_kernel, step.grid, step.key, per_call + step.scalars, step.meta)
+    try:  # (free when nothing is raised, unlike a context manager)
+        for launch, step in enumerate(steps):
+            if launch == 1 and plan.strategy == "three_pass":
+                _combine(part, mean, rstd, plan, num_groups, cg, s, eps, forward=True)
+            launch_keyed(_forward_kernel, step.grid, step.key, per_call + step.scalars, step.meta)
+    except BaseException:
+        _lose_barrier_turn(x, plan)
+        raise
     return y, mean, rstd
 
 
@@ -731,15 +742,20 @@ def backward(
     grad0_at = _round16(2 * csum_half)
     grad1_at = grad0_at + n * num_groups
     part_at = _round16(grad1_at + n * num_groups)
+    steps = _backward_steps(plan, num_groups, c, s, (*x_strides, *dy_strides, *dx_strides),
+                            (csum_half, grad0_at, grad1_at, part_at), has_w, has_b, silu)
     work = scratch(x.device, part_at + _partials(plan))
     per_call = (x, dy, dx, weight if has_w else x, bias if has_b else x, mean, rstd, work,
                 *_barrier_words(plan, work))
-    steps = _backward_steps(plan, num_groups, c, s, (*x_strides, *dy_strides, *dx_strides),
-                            (csum_half, grad0_at, grad1_at, part_at), has_w, has_b, silu)
-    for launch, step in enumerate(steps):
-        if launch == 1 and plan.strategy == "three_pass":
-            _combine(work[part_at:], work[grad0_at:], work[grad1_at:], plan, num_groups, cg, s, 0.0, forward=False)
-        launch_keyed(_backward_kernel, step.grid, step.key, per_call + step.scalars, step.meta)
+    try:
+        for launch, step in enumerate(steps):
+            if launch == 1 and plan.strategy == "three_pass":
+                _combine(work[part_at:], work[grad0_at:], work[grad1_at:], plan, num_groups, cg, s, 0.0,
+                         forward=False)
+            launch_keyed(_backward_kernel, step.grid, step.key, per_call + step.scalars, step.meta)
+    except BaseException:
+        _lose_barrier_turn(x, plan)
+        raise
     if not param_grads:
         return dx, None, None
     # One fixed-order reduction for both (deterministic; one launch less than two). dweight and dbias

@@ -4,8 +4,8 @@ A GroupNorm launch needs fp32 scratch (tile partials, per-channel sums) and, for
 int32 words that are zero when it starts. Allocating them per call cost the H200 host about 6 us
 per ``torch.empty`` and 8-12 us per ``torch.zeros`` (a memset launch): over the 53 norms of a
 resnet50_gn step, forward and backward, several milliseconds of a step that is host-bound
-(``benchmarks/host_overhead.py``, docs/benchmarks.md). Here each (device, stream) keeps one buffer
-of each kind and hands it out again:
+(``benchmarks/host_overhead.py``, docs/benchmarks.md). Here each (device, stream, thread) keeps one
+buffer of each kind and hands it out again:
 
 * :func:`scratch` returns fp32 memory of undefined contents. Launches on one stream run in order,
   so a launch may use it freely while no tensor it returns is a view of it that outlives the next
@@ -13,8 +13,10 @@ of each kind and hands it out again:
 * :func:`barrier_words` returns two halves of an int32 buffer: words that are zero for this launch,
   and words the launch must zero for the next one. The halves swap on every call, so a launch
   never has to reset the words it counts in (which would put a reset on its barrier's critical
-  path): the launch after it clears them, while using the other half. Launches on one stream run
-  in order, so each half is cleared by one launch and used by the next.
+  path): the launch after it clears them, while using the other half. One thread's launches on one
+  stream run in the order they were made, so each half is cleared by one launch and used by the
+  next. A launch that takes its turn and then does not run must call
+  :func:`discard_barrier_words`, or the next one would count in words nobody cleared.
 
 While the current stream is being captured into a CUDA graph, both return fresh memory (the
 barrier words zeroed by a captured memset): a graph must not share buffers with eager launches that
@@ -25,28 +27,33 @@ stream for the life of the process.
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
 
-__all__ = ["scratch", "barrier_words"]
+__all__ = ["scratch", "barrier_words", "discard_barrier_words"]
 
-# (device, stream handle) -> buffer. Few entries: one per stream that ever ran a launch.
-_scratch: dict[tuple[torch.device, int], torch.Tensor] = {}
-_barriers: dict[tuple[torch.device, int], "_Halves"] = {}
+# (device, stream handle, thread) -> buffer. Few entries: one per stream and thread that launched.
+_scratch: dict[tuple[torch.device, int, int], torch.Tensor] = {}
+_barriers: dict[tuple[torch.device, int, int], "_Halves"] = {}
 
 
-def _stream_key(device: torch.device) -> tuple[torch.device, int] | None:
-    """(device, current stream handle), or None while that stream is being captured."""
+def _stream_key(device: torch.device) -> tuple[torch.device, int, int] | None:
+    """(device, current stream handle, thread), or None while that stream is being captured.
+
+    Per thread as well as per stream: barrier words are handed out in call order and must be used
+    in that order, which holds for one thread's launches on one stream but not for two threads'.
+    """
     if device.type != "cuda":
-        return device, 0  # CPU (Triton's interpreter): launches run one after another
+        return device, 0, threading.get_ident()  # CPU (Triton's interpreter): launches run in call order
     index = device.index if device.index is not None else torch.cuda.current_device()
     if torch._C._cuda_isCurrentStreamCapturing():
         return None
-    return device, torch._C._cuda_getCurrentRawStream(index)
+    return device, torch._C._cuda_getCurrentRawStream(index), threading.get_ident()
 
 
-def _reused(buffers: dict, key: tuple[torch.device, int], numel: int, dtype: torch.dtype,
+def _reused(buffers: dict, key: tuple[torch.device, int, int], numel: int, dtype: torch.dtype,
             allocate: Callable[..., torch.Tensor]) -> torch.Tensor:
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
@@ -101,3 +108,19 @@ def barrier_words(device: torch.device, numel: int) -> tuple[torch.Tensor, torch
     words, next_words = buffer.halves[buffer.current], buffer.halves[1 - buffer.current]
     buffer.current = 1 - buffer.current
     return words, next_words
+
+
+def discard_barrier_words(device: torch.device) -> None:
+    """Forget the current stream's barrier words: for a launch that took its turn and then did not run.
+
+    The next launch would count in words that launch was to zero; it gets fresh zeroed ones instead.
+
+    Example:
+        >>> words, _ = barrier_words(torch.device("cpu"), 4)
+        >>> discard_barrier_words(torch.device("cpu"))
+        >>> barrier_words(torch.device("cpu"), 4)[0] is words
+        False
+    """
+    key = _stream_key(device)
+    if key is not None:
+        _barriers.pop(key, None)
