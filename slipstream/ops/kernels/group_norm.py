@@ -21,9 +21,10 @@ whole set's partials before it can write its output. Four ways to get them:
   them and raises a flag; the others wait for it and read its result. Programs take their place in
   the grid from an atomic ticket, so a program only ever waits for programs that started after it:
   with ``K`` no larger than the number of SMs (one program per SM always fits), every set completes
-  whatever order the hardware starts programs in. The barrier words (counters, flags, the ticket)
-  are zero when a launch starts and zero again when it ends, so they live in a buffer kept across
-  calls (:mod:`slipstream.ops.kernels.scratch`) rather than one zeroed per call.
+  whatever order the hardware starts programs in. The barrier words (the ticket, then a counter
+  and a flag per set) are zero when a launch starts. They are half of a buffer kept across calls
+  (:mod:`slipstream.ops.kernels.scratch`) rather than zeroed per call: each fused launch zeroes the
+  other half, which the next fused launch counts in.
 * two passes: one launch writes the partials; a second launch reads the input again (from L2 where
   it still fits: it walks the tiles backwards, so the last ones read come first) and each of its
   programs combines its set's partials itself. No barrier: what Triton's CPU interpreter (which
@@ -280,10 +281,9 @@ def _set_values(part, OUT0, OUT1, SYNC, set_id, k, K, g, G, n_schunks, CG: tl.co
     Fused launch (WAIT): every program has written its partials; with LAST the program that arrives
     last combines them and raises the set's flag while the others wait for it, else all wait for the
     count to reach K and combine them alike. The set's counter is word ``1 + 2 * set_id`` of
-    ``SYNC`` and its flag the next one: each word keeps one role whatever the launch's size, so the
-    words zeroed for a launch are zero wherever it counts. Two-pass apply launch (COMBINE): the partials are all
-    written by the launch before, and every program combines them itself. Three-pass apply launch:
-    read what the combine launch stored.
+    ``SYNC`` and its flag the next one. Two-pass apply launch (COMBINE): the partials are all written
+    by the launch before, and every program combines them itself. Three-pass apply launch: read what
+    the combine launch stored.
     """
     gmask = g < G
     counter = SYNC + 1 + 2 * set_id
@@ -403,7 +403,7 @@ def _backward_kernel(
     vid = _program_id(SYNC, WAIT, APPLY and not STATS)
     set_id, k, n, g, kc, ks, c, cmask, onehot, s, mask = _tile_index(vid, K, n_gblocks, n_schunks, G, CG, S, GB, CB,
                                                                      SB, CW, CL, CMASK, GMASK)
-    # scratch (``_backward_scratch``): per-channel sums of dy' (then of dy' * xhat), group means, partials
+    # SCRATCH (laid out in ``backward``): per-channel sums of dy' and of dy' * xhat, group means, partials
     part = SCRATCH + part_at + set_id * K * 2 * GB
     mean = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
     rstd = tl.load(RSTD + n * G + g, mask=g < G, other=0.0)
