@@ -49,6 +49,11 @@ def _argument_signature(value: Any) -> Hashable:
     raise _Uncacheable(kind)
 
 
+def _keyed_signature(device: int, key: Hashable, args: tuple, positions: tuple[int, ...]) -> Hashable:
+    """A keyed launch's signature: the caller's key, and the dtype and alignment of each tensor."""
+    return device, key, tuple([(args[i].dtype, args[i].data_ptr() % 16 == 0) for i in positions])
+
+
 def _hooked() -> bool:
     """Whether a Triton launch hook (a profiler) is installed: such launches take Triton's own path."""
     return bool(knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls)
@@ -127,8 +132,7 @@ class CachedLauncher:
         device = torch.cuda.current_device()
         positions = self._tensor_positions.get(key)
         if positions is not None:
-            signature = (device, key, tuple([(args[i].dtype, args[i].data_ptr() % 16 == 0) for i in positions]))
-            entry = self._keyed.get(signature)
+            entry = self._keyed.get(_keyed_signature(device, key, args, positions))
             if entry is not None and not _hooked():
                 self._run(entry, grid, device, args)
                 return
@@ -136,8 +140,7 @@ class CachedLauncher:
         if entry is not None:
             positions = self._tensor_positions[key] = tuple(
                 i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
-            signature = (device, key, tuple([(args[i].dtype, args[i].data_ptr() % 16 == 0) for i in positions]))
-            self._keyed[signature] = entry
+            self._keyed[_keyed_signature(device, key, args, positions)] = entry
 
     def _entry(self, compiled: Any, n_positional: int, meta: dict) -> tuple:
         if hasattr(compiled, "result"):  # triton 3.9 may hand back a future of the compiled kernel

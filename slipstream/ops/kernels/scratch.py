@@ -28,7 +28,6 @@ stream for the life of the process.
 from __future__ import annotations
 
 import threading
-from typing import Callable
 
 import torch
 
@@ -53,15 +52,11 @@ def _stream_key(device: torch.device) -> tuple[torch.device, int, int] | None:
     return device, torch._C._cuda_getCurrentRawStream(index), threading.get_ident()
 
 
-def _reused(buffers: dict, key: tuple[torch.device, int, int], numel: int, dtype: torch.dtype,
-            allocate: Callable[..., torch.Tensor]) -> torch.Tensor:
-    buffer = buffers.get(key)
-    if buffer is None or buffer.numel() < numel:
-        # Grow geometrically; the old buffer goes back to the caching allocator, which reuses it only
-        # for work queued after the launches that still use it on this stream.
-        size = numel if buffer is None else max(numel, 2 * buffer.numel())
-        buffer = buffers[key] = allocate(size, device=key[0], dtype=dtype)
-    return buffer
+def _grown(capacity: int, numel: int) -> int:
+    """A buffer's new size when ``numel`` does not fit its ``capacity``: geometric growth, so a slowly
+    growing need reallocates rarely. The old buffer goes back to the caching allocator, which reuses
+    it only for work queued after the launches that still use it on this stream."""
+    return max(numel, 2 * capacity)
 
 
 def scratch(device: torch.device, numel: int) -> torch.Tensor:
@@ -75,7 +70,11 @@ def scratch(device: torch.device, numel: int) -> torch.Tensor:
     key = _stream_key(device)
     if key is None:
         return torch.empty(numel, device=device, dtype=torch.float32)
-    return _reused(_scratch, key, numel, torch.float32, torch.empty)
+    buffer = _scratch.get(key)
+    if buffer is None or buffer.numel() < numel:
+        size = numel if buffer is None else _grown(buffer.numel(), numel)
+        buffer = _scratch[key] = torch.empty(size, device=device, dtype=torch.float32)
+    return buffer
 
 
 class _Halves:
@@ -103,7 +102,7 @@ def barrier_words(device: torch.device, numel: int) -> tuple[torch.Tensor, torch
         return torch.zeros(2 * numel, device=device, dtype=torch.int32).split(numel)
     buffer = _barriers.get(key)
     if buffer is None or buffer.capacity < numel:
-        capacity = numel if buffer is None else max(numel, 2 * buffer.capacity)
+        capacity = numel if buffer is None else _grown(buffer.capacity, numel)
         buffer = _barriers[key] = _Halves(device, capacity)
     words, next_words = buffer.halves[buffer.current], buffer.halves[1 - buffer.current]
     buffer.current = 1 - buffer.current
