@@ -7,7 +7,8 @@ launcher's signature lookup), except that the compiled kernel's launcher does no
 CPU tensors of a GPT-2-small activation (8 x 512 x 768 bf16) and a GroupNorm image
 (8 x 256 x 32 x 32 channels_last). Each op forward, and forward + backward through
 ``torch.autograd.grad`` (gradients are returned, not accumulated into ``.grad``: that accumulation
-is an asynchronous kernel on CUDA but arithmetic on a CPU). The backward's own ``torch.sum`` of the
+is an asynchronous kernel on CUDA but arithmetic on a CPU); then the modules surgery puts into
+models (FusedLayerNorm, SeededDropout, FusedGroupNorm), forward + backward. The backward's own ``torch.sum`` of the
 parameter gradients does run on the CPU here, on real sizes, so the forward + backward numbers
 overstate the host time by that sum.
 
@@ -87,6 +88,7 @@ def _forward_backward(op: Callable[..., torch.Tensor], *inputs: torch.Tensor) ->
 
 
 def cases() -> dict[str, Callable[[], object]]:
+    from slipstream.nn import FusedGroupNorm, FusedLayerNorm, SeededDropout
     from slipstream.ops import group_norm, layer_norm, seeded_dropout
 
     x = torch.randn(8, 512, 768, dtype=torch.bfloat16)
@@ -102,6 +104,17 @@ def cases() -> dict[str, Callable[[], object]]:
     for name, (op, *inputs) in ops.items():
         timed[f"{name} forward"] = lambda op=op, inputs=inputs: op(*inputs)
         timed[f"{name} forward+backward"] = _forward_backward(op, *inputs)
+    # What models run: the modules surgery puts in, their parameters as gradient leaves.
+    modules = {
+        "FusedLayerNorm": (FusedLayerNorm(768).to(torch.bfloat16), x),
+        "SeededDropout": (SeededDropout(0.1, seed=0), x),
+        "FusedGroupNorm": (FusedGroupNorm(32, 256).to(torch.bfloat16), image),
+    }
+    for name, (module, inp) in modules.items():
+        leaves = [inp.detach().requires_grad_(), *module.parameters()]
+        dy = torch.randn_like(module(inp))
+        timed[f"{name} module forward+backward"] = (
+            lambda module=module, leaves=leaves, dy=dy: torch.autograd.grad(module(leaves[0]), leaves, dy))
     return timed
 
 

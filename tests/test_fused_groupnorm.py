@@ -133,3 +133,15 @@ def test_lp_groupnorm_uses_kernel_on_cuda():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert gn(x).dtype == torch.float32  # outside autocast: exactly nn.GroupNorm
+
+
+def test_module_checks_its_input():
+    """The module path checks only the input (its parameters are valid by construction), with clear errors."""
+    gn = FusedGroupNorm(2, 4)
+    with pytest.raises(ValueError, match="4 channels"):
+        gn(torch.randn(2, 6, 3))
+    with pytest.raises(TypeError, match="floating-point"):
+        gn(torch.ones(2, 4, 3, dtype=torch.int64))
+    gn.activation = "relu"  # set after construction, past the constructor's check
+    with pytest.raises(ValueError, match="activation='relu'"):
+        gn(torch.randn(2, 4, 3))

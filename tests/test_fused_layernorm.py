@@ -181,3 +181,12 @@ def test_timm_fast_norm_is_left_alone():
     with pytest.warns(SurgeryWarning, match="fast norm"):
         replaced = sf.apply_fused_layernorm(model)
     assert len(replaced) == 1 and type(model[0]) is LayerNorm and type(model[1]) is FusedLayerNorm
+
+
+def test_module_checks_its_input():
+    """The module path checks only the input (its parameters are valid by construction), with clear errors."""
+    ln = FusedLayerNorm(8)
+    with pytest.raises(ValueError, match="last dimensions"):
+        ln(torch.randn(2, 6))
+    with pytest.raises(TypeError, match="dtype"):
+        ln(torch.ones(2, 8, dtype=torch.int64))

@@ -242,6 +242,15 @@ def test_kernel_launch_plan_is_cached_per_shape():
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], seeded_dropout_rows_reference(x, 0.3, seeds))
 
 
+@needs_kernel
+def test_kernel_seeds_of_both_widths_in_turn():
+    """Triton types the seed by its width: launches alternating int32-range and wider seeds (the keyed
+    launches memoize one compiled kernel per width) each match the reference."""
+    x = torch.randn(6, 50)
+    for seed in (5, -(2**40), 2**31 - 1, 2**31, -(2**31), 5):
+        assert torch.equal(seeded_dropout(x, 0.3, seed), seeded_dropout_reference(x, 0.3, seed)), seed
+
+
 # ----- bad input ------------------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from slipstream.nn._autocast import active_autocast_dtype, cast_optional
 from slipstream.ops._backend import triton_available
-from slipstream.ops.group_norm import ACTIVATIONS, group_norm
+from slipstream.ops.group_norm import ACTIVATIONS, group_norm_of_module
 
 __all__ = ["LPGroupNorm", "FusedGroupNorm", "fuse_silu_into_group_norms"]
 
@@ -57,7 +57,7 @@ class LPGroupNorm(nn.GroupNorm):
         if dtype is None:
             return super().forward(x)
         if x.is_cuda and triton_available():
-            return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, out_dtype=dtype)
+            return group_norm_of_module(self, x, out_dtype=dtype)
         with torch.autocast(x.device.type, enabled=False):
             return F.group_norm(
                 x.to(dtype), self.num_groups, cast_optional(self.weight, dtype),
@@ -96,8 +96,7 @@ class FusedGroupNorm(nn.GroupNorm):
         return cls(**_group_norm_config(module), activation=activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation,
-                          out_dtype=active_autocast_dtype(x))
+        return group_norm_of_module(self, x, self.activation, active_autocast_dtype(x))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.activation is None else f", activation={self.activation!r}")

@@ -11,7 +11,7 @@ from torch import nn
 
 from slipstream.nn._autocast import active_autocast_dtype, cast_optional
 from slipstream.ops._backend import triton_available
-from slipstream.ops.layer_norm import layer_norm
+from slipstream.ops.layer_norm import layer_norm_of_module
 from slipstream.surgery import SurgeryWarning
 
 __all__ = ["LPLayerNorm", "FusedLayerNorm", "FusedLayerNorm2d", "CHANNELS_FIRST_LAYER_NORMS"]
@@ -74,7 +74,7 @@ class LPLayerNorm(nn.LayerNorm):
             return super().forward(x)
         if x.is_cuda and triton_available():
             # Casting first costs a kernel per tensor: an fp32 residual stream (GPT-2) came out slower.
-            return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, out_dtype=dtype)
+            return layer_norm_of_module(self, x, dtype)
         with torch.autocast(x.device.type, enabled=False):
             return F.layer_norm(
                 x.to(dtype), self.normalized_shape, cast_optional(self.weight, dtype),
@@ -106,9 +106,7 @@ class FusedLayerNorm(nn.LayerNorm):
         return None if _uses_timm_fast_norm(module) else cls(**_layer_norm_config(module))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return layer_norm(
-            x, self.normalized_shape, self.weight, self.bias, self.eps, out_dtype=active_autocast_dtype(x)
-        )
+        return layer_norm_of_module(self, x, active_autocast_dtype(x))
 
 
 class FusedLayerNorm2d(FusedLayerNorm):

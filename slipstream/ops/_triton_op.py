@@ -81,19 +81,21 @@ def launcher(traceable: bool) -> Callable[[Kernel], Kernel]:
     raise ValueError(f"slipstream.config.eager_launch must be 'cached' or 'triton', got {mode!r}")
 
 
-def launch_keyed(kernel: Kernel, grid: tuple[int, ...], key: Hashable, args: tuple, meta: dict) -> None:
-    """An eager ``kernel[grid](*args, **meta)``, everything but its tensors memoized by the caller under ``key``.
+def launch_keyed(kernel: Kernel, grid: tuple[int, ...], key: Hashable, args: tuple, meta: dict,
+                 traceable: bool = False) -> None:
+    """``kernel[grid](*args, **meta)``, everything but its tensors memoized by the caller under ``key``.
 
-    With cached launches this is
+    Eager launches with cached launches on go through
     :meth:`~slipstream.ops.kernels.cached_launch.CachedLauncher.launch_keyed` (only the tensors are
-    looked at per launch); otherwise a plain launch.
+    looked at per launch); ``traceable`` ones (a ``triton_op`` body) through ``wrap_triton``, where
+    ``key`` is unused; anything else is a plain launch.
 
     Example (under ``TRITON_INTERPRET=1``, as in the tests, a plain call of the kernel):
         >>> launch_keyed({(1,): print}, (1,), "doc", ("a", 1), {"sep": "-"})
         a-1
     """
-    launch = launcher(False)(kernel)
-    keyed = getattr(launch, "launch_keyed", None)
+    launch = launcher(traceable)(kernel)
+    keyed = None if traceable else getattr(launch, "launch_keyed", None)
     if keyed is not None:
         keyed(grid, key, args, meta)
     else:

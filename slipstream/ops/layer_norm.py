@@ -66,11 +66,34 @@ def layer_norm(
         True
     """
     shape = _validate(x, normalized_shape, weight, bias, eps, out_dtype)
-    args = (x, weight, bias, len(shape), float(eps), out_dtype)
+    return _layer_norm(x, shape, weight, bias, float(eps), out_dtype)
+
+
+def layer_norm_of_module(module: torch.nn.LayerNorm, x: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """:func:`layer_norm` with ``module``'s shape, parameters and eps, which are valid by construction.
+
+    Only ``x`` is checked (its dtype, and that it ends in the normalized shape): a module calls this
+    on every forward, and checking its own parameters again cost host time per call.
+
+    Example:
+        >>> ln = torch.nn.LayerNorm(8)
+        >>> x = torch.randn(2, 8)
+        >>> torch.allclose(layer_norm_of_module(ln, x), ln(x), atol=1e-6)
+        True
+    """
+    return _layer_norm(x, tuple(module.normalized_shape), module.weight, module.bias, float(module.eps), out_dtype)
+
+
+def _layer_norm(
+    x: Tensor, shape: tuple[int, ...], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+    out_dtype: Optional[torch.dtype],
+) -> Tensor:
+    _check_x(x, shape)
+    args = (x, weight, bias, len(shape), eps, out_dtype)
     if torch.compiler.is_compiling():
         path = config.compiled_layer_norm
         if path == "inductor":
-            return _math_for_inductor(x, shape, weight, bias, float(eps), out_dtype)
+            return _math_for_inductor(x, shape, weight, bias, eps, out_dtype)
         if path != "kernel":
             raise ValueError(f"slipstream.config.compiled_layer_norm must be 'inductor' or 'kernel', got {path!r}")
         return torch.ops.slipstream.layer_norm_fwd(*args)[0]  # the triton_op, whose launches the compiler sees
@@ -97,16 +120,12 @@ def _validate(
     eps: object,
     out_dtype: object,
 ) -> tuple[int, ...]:
-    """Check the public arguments; return ``normalized_shape`` as a tuple."""
+    """Check the public arguments but ``x`` (:func:`_check_x` does); return ``normalized_shape`` as a tuple."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x.dtype must be one of {_FLOAT_DTYPES}, got {x.dtype}")
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if not shape or not all(isinstance(d, int) and d > 0 for d in shape):
         raise ValueError(f"normalized_shape must be a positive int or a non-empty sequence of them, got {normalized_shape!r}")
-    if tuple(x.shape[-len(shape):]) != shape:
-        raise ValueError(f"normalized_shape={shape} must equal the last dimensions of x, whose shape is {tuple(x.shape)}")
     for name, param in (("weight", weight), ("bias", bias)):
         if param is None:
             continue
@@ -121,6 +140,13 @@ def _validate(
     if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be None or one of {_FLOAT_DTYPES}, got {out_dtype!r}")
     return shape
+
+
+def _check_x(x: Tensor, shape: tuple[int, ...]) -> None:
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x.dtype must be one of {_FLOAT_DTYPES}, got {x.dtype}")
+    if x.shape[x.dim() - len(shape):] != shape:
+        raise ValueError(f"normalized_shape={shape} must equal the last dimensions of x, whose shape is {tuple(x.shape)}")
 
 
 def _as_rows(t: Tensor, normalized_ndim: int) -> Tensor:

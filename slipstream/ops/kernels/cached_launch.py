@@ -155,7 +155,9 @@ class CachedLauncher:
         return len(self._compiled)
 
 
-_launchers: dict[Any, CachedLauncher] = {}
+# Keyed by id: hashing a JITFunction computes its cache key, a microsecond per launch. Each launcher
+# holds its kernel, so a kernel in here stays alive and no other object can take its id.
+_launchers: dict[int, CachedLauncher] = {}
 
 
 def cached_launcher(kernel: Any) -> CachedLauncher:
@@ -164,7 +166,7 @@ def cached_launcher(kernel: Any) -> CachedLauncher:
     Example (on a CUDA machine):
         >>> cached_launcher(my_kernel)[(4,)](x, y, n, BLOCK=256)  # doctest: +SKIP
     """
-    launcher = _launchers.get(kernel)
+    launcher = _launchers.get(id(kernel))
     if launcher is None:
-        launcher = _launchers[kernel] = CachedLauncher(kernel)
+        launcher = _launchers[id(kernel)] = CachedLauncher(kernel)
     return launcher

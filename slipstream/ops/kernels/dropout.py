@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from slipstream.ops._triton_op import launcher
-from slipstream.ops.kernels.host_math import cdiv, memoized_plan, next_power_of_2
+from slipstream.ops._triton_op import launch_keyed
+from slipstream.ops.kernels.host_math import cdiv, launch_key, memoized_plan, next_power_of_2
 
 __all__ = ["launch_seeded_dropout"]
 
@@ -29,6 +29,7 @@ __all__ = ["launch_seeded_dropout"]
 BLOCK_ELEMENTS = 4096
 _ELEMENTS_PER_THREAD = 16
 _LANES = 8  # columns per Philox call (four words, two 16-bit halves each)
+_INT32_MIN, _INT32_END = -(2**31), 2**31
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -121,14 +122,15 @@ def _matrix(t: torch.Tensor, one_row: bool) -> tuple[int, int, int, int]:
 
 
 class _Plan(NamedTuple):
-    """What a launch of the kernel needs besides its tensors and scalars: grid, tile, indexing, warps."""
+    """One launch of the kernel but its tensors and seed: grid, the arguments after the seed, constexprs and
+    options, and the keys of it all (for a seed within int32 and for a wider one: Triton types the seed
+    by its width)."""
 
     grid: tuple[int]
-    col_blocks: int
-    int64: bool
-    block_rows: int
-    block_groups: int
-    num_warps: int
+    scalars: tuple  # (n_rows, n_cols, strides..., threshold, scale, col_blocks)
+    meta: dict  # shared by every launch with this plan: only ever spread with **
+    int32_seed_key: int
+    int64_seed_key: int
 
 
 @functools.lru_cache(maxsize=1024)  # bounded: varying batch or sequence sizes each add a plan
@@ -140,13 +142,16 @@ def _plan(
     out_stride_r: int,
     out_stride_c: int,
     seeds_stride: int,
+    threshold: int,
+    scale: float,
+    per_row: bool,
     int64: Optional[bool],
     block_elements: int,
     num_warps: Optional[int],
 ) -> _Plan:
     """The launch plan of :func:`launch_seeded_dropout` for these sizes and strides (``seeds_stride``: 0 without seeds).
 
-    ``int64``, ``block_elements`` and ``num_warps`` as given to :func:`launch_seeded_dropout`.
+    ``threshold``, ``scale``, ``int64``, ``block_elements`` and ``num_warps`` as given to :func:`launch_seeded_dropout`.
     """
     block_rows, block_groups = _tile(n_rows, n_cols, x_stride_r == 1 and x_stride_c != 1, block_elements)
     col_blocks = cdiv(n_cols, block_groups * _LANES)
@@ -158,7 +163,11 @@ def _plan(
         reach = max(_reach(x_stride_r, x_stride_c, rows, cols), _reach(out_stride_r, out_stride_c, rows, cols))
         int64 = max(cols, seeds_reach, reach) >= 2**31
     num_warps = num_warps or max(1, min(8, block_rows * block_groups * _LANES // (32 * _ELEMENTS_PER_THREAD)))
-    return _Plan((row_blocks * col_blocks,), col_blocks, int64, block_rows, block_groups, num_warps)
+    scalars = (n_rows, n_cols, x_stride_r, x_stride_c, out_stride_r, out_stride_c, seeds_stride, threshold,
+               float(scale), col_blocks)
+    meta = dict(PER_ROW_SEEDS=per_row, INT64=int64, BLOCK_ROWS=block_rows, BLOCK_GROUPS=block_groups,
+                num_warps=num_warps)
+    return _Plan((row_blocks * col_blocks,), scalars, meta, launch_key(), launch_key())
 
 
 def launch_seeded_dropout(
@@ -192,26 +201,7 @@ def launch_seeded_dropout(
     per_row = seeds is not None
     seeds_stride = seeds.stride(0) if per_row else 0
     sizes = (n_rows, n_cols, x_stride_r, x_stride_c, out_stride_r, out_stride_c, seeds_stride)
-    grid, col_blocks, int64, block_rows, block_groups, num_warps = memoized_plan(
-        _plan, sizes, int64, block_elements, num_warps)
-    launcher(traceable)(_seeded_dropout_kernel)[grid](
-        x,
-        out,
-        seeds if per_row else x,
-        seed,
-        n_rows,
-        n_cols,
-        x_stride_r,
-        x_stride_c,
-        out_stride_r,
-        out_stride_c,
-        seeds_stride,
-        threshold,
-        scale,
-        col_blocks,
-        PER_ROW_SEEDS=per_row,
-        INT64=int64,
-        BLOCK_ROWS=block_rows,
-        BLOCK_GROUPS=block_groups,
-        num_warps=num_warps,
-    )
+    plan = memoized_plan(_plan, sizes, threshold, scale, per_row, int64, block_elements, num_warps)
+    key = plan.int32_seed_key if _INT32_MIN <= seed < _INT32_END else plan.int64_seed_key
+    launch_keyed(_seeded_dropout_kernel, plan.grid, key, (x, out, seeds if per_row else x, seed, *plan.scalars),
+                 plan.meta, traceable)

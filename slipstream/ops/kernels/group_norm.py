@@ -44,7 +44,6 @@ dW after a plain ``torch.sum`` and the group terms of dx after the barrier.
 from __future__ import annotations
 
 import functools
-import itertools
 from typing import NamedTuple, Optional
 
 import torch
@@ -53,7 +52,7 @@ import triton.language as tl
 
 from slipstream.ops._backend import interpreting
 from slipstream.ops._triton_op import launch_keyed, launcher
-from slipstream.ops.kernels.host_math import cdiv, next_power_of_2
+from slipstream.ops.kernels.host_math import cdiv, launch_key, next_power_of_2
 from slipstream.ops.kernels.scratch import barrier_words, discard_barrier_words, scratch
 
 __all__ = ["forward", "backward", "TileShape", "tile_shape"]
@@ -620,9 +619,6 @@ class _Step(NamedTuple):
     key: int  # unique to this memo (see ``CachedLauncher.launch_keyed``)
 
 
-_step_keys = itertools.count()
-
-
 def _steps(plan: _Plan, scalars: tuple, constexprs: dict) -> tuple[_Step, ...]:
     """The launches of ``plan`` (one per phase) sharing ``scalars`` and ``constexprs``."""
     t = plan.shape
@@ -631,7 +627,7 @@ def _steps(plan: _Plan, scalars: tuple, constexprs: dict) -> tuple[_Step, ...]:
                   LAST=plan.last_combines, num_warps=plan.num_warps)
     return tuple(
         _Step((plan.num_sets * plan.per_set,), scalars,
-              dict(shared, STATS=stats, APPLY=apply, WAIT=wait, COMBINE=combine), next(_step_keys))
+              dict(shared, STATS=stats, APPLY=apply, WAIT=wait, COMBINE=combine), launch_key())
         for stats, apply, wait, combine in _phases(plan))
 
 

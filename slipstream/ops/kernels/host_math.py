@@ -1,4 +1,4 @@
-"""Integer helpers for launchers' grid and tile arithmetic, as plain Python functions, and plan lookup.
+"""Integer helpers for launchers' grid and tile arithmetic, as plain Python functions, plan lookup and launch keys.
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are ``constexpr_function`` s (callable inside kernels
 too), so each host call unwraps its arguments first: several microseconds per launch that these
@@ -8,14 +8,16 @@ plain versions do not spend. Same results for the integers launchers use (>= 0 a
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Callable, TypeVar
 
 import triton
 
-__all__ = ["cdiv", "next_power_of_2", "memoized_plan"]
+__all__ = ["cdiv", "next_power_of_2", "memoized_plan", "launch_key"]
 
 Plan = TypeVar("Plan")
 _INT = frozenset({int})
+_launch_keys = itertools.count()
 
 
 def cdiv(x: int, y: int) -> int:
@@ -56,3 +58,16 @@ def memoized_plan(plan: "functools._lru_cache_wrapper[Plan]", sizes: tuple, *res
     """
     lookup: Callable[..., Plan] = plan if _INT.issuperset(map(type, sizes)) else plan.__wrapped__
     return lookup(*sizes, *rest)
+
+
+def launch_key() -> int:
+    """A new key for one memoized launch configuration (see ``slipstream.ops._triton_op.launch_keyed``).
+
+    Each call returns another int, so a plan evicted from its cache and rebuilt gets a fresh key
+    (an ``id`` could be reused by a different plan).
+
+    Example:
+        >>> launch_key() != launch_key()
+        True
+    """
+    return next(_launch_keys)

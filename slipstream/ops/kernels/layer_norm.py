@@ -41,8 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from slipstream.ops._triton_op import launcher
-from slipstream.ops.kernels.host_math import cdiv, memoized_plan, next_power_of_2
+from slipstream.ops._triton_op import launch_keyed
+from slipstream.ops.kernels.host_math import cdiv, launch_key, memoized_plan, next_power_of_2
 
 __all__ = [
     "MAX_REGISTER_ROW",
@@ -259,26 +259,29 @@ def _matrix(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 class _ForwardPlan(NamedTuple):
-    """Which forward kernel to launch, on what grid, with which constexprs and launch options."""
+    """One forward launch, everything but its tensors: kernel, grid, arguments, constexprs and options."""
 
     kernel: triton.JITFunction
     grid: tuple[int]
+    scalars: tuple  # (m, n, row stride, eps): the kernel's arguments after its tensors
     meta: dict[str, Any]  # shared by every launch with this plan: only ever spread with **
+    key: int  # for launch_keyed
 
 
 @functools.lru_cache(maxsize=_PLANS)
 def _forward_plan(
-    m: int, n: int, element_size: int, has_weight: bool, has_bias: bool, tiling: Optional[Tiling],
-    device: torch.device,
+    m: int, n: int, row_stride: int, eps: float, element_size: int, has_weight: bool, has_bias: bool,
+    tiling: Optional[Tiling], device: torch.device,
 ) -> _ForwardPlan:
     """The launch plan of :func:`forward` for ``m`` rows of ``n`` elements (``tiling`` as given to it)."""
     tiling = tiling or default_tiling("forward", n, element_size)
     flags = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, num_warps=tiling.num_warps)
+    scalars = (m, n, row_stride, float(eps))  # equal keys for eps=1 and 1.0: one argument type
     if tiling.block_n >= n:
         grid = (_programs(tiling, cdiv(m, tiling.block_m), device),)
         meta = dict(BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, PREFETCH=tiling.prefetch, **flags)
-        return _ForwardPlan(_forward_rows_kernel, grid, meta)
-    return _ForwardPlan(_forward_looped_kernel, (m,), dict(BLOCK_N=tiling.block_n, **flags))
+        return _ForwardPlan(_forward_rows_kernel, grid, scalars, meta, launch_key())
+    return _ForwardPlan(_forward_looped_kernel, (m,), scalars, dict(BLOCK_N=tiling.block_n, **flags), launch_key())
 
 
 def forward(
@@ -305,12 +308,14 @@ def forward(
     """
     m, n, row_stride = _matrix(x)
     device = x.device
-    y = torch.empty(x.shape, dtype=out_dtype, device=device)
-    stats = torch.empty((2, m), dtype=torch.float32, device=device)
-    plan = memoized_plan(_forward_plan, (m, n), x.element_size(), weight is not None, bias is not None, tiling, device)
+    # empty_like/new_empty: less argument parsing per call than torch.empty(shape, dtype=, device=)
+    y = torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format)
+    stats = x.new_empty((2, m), dtype=torch.float32)
+    plan = memoized_plan(_forward_plan, (m, n, row_stride), eps, x.element_size(), weight is not None,
+                         bias is not None, tiling, device)
     w = x if weight is None else weight  # a placeholder pointer when absent: never read
     b = x if bias is None else bias
-    launcher(traceable)(plan.kernel)[plan.grid](x, y, w, b, stats, m, n, row_stride, eps, **plan.meta)
+    launch_keyed(plan.kernel, plan.grid, plan.key, (x, y, w, b, stats, *plan.scalars), plan.meta, traceable)
     return y, stats
 
 
@@ -455,30 +460,36 @@ def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _BackwardPlan(NamedTuple):
-    """How :func:`backward` launches: the path, its programs' partial sums, the dx kernel's grid and meta."""
+    """How :func:`backward` launches, everything but its tensors: the path, its programs' partial sums, the
+    dx kernel's grid, the arguments after the tensors, constexprs and options, and the key of it all."""
 
     column_tiled: bool  # wide rows: a row-means kernel, then the column-tiled kernel
     n_partials: int
     grid: tuple[int, ...]
+    scalars: tuple  # (m, n, dy's row stride, x's row stride), after each kernel's tensors
     meta: dict[str, Any]  # shared by every launch with this plan: only ever spread with **
+    row_means_meta: dict[str, Any]  # the row-means kernel's, on the column-tiled path
+    key: int  # for launch_keyed
 
 
 @functools.lru_cache(maxsize=_PLANS)
 def _backward_plan(
-    m: int, n: int, element_size: int, has_weight: bool, has_bias: bool, tiling: Optional[Tiling],
-    device: torch.device,
+    m: int, n: int, stride_dy: int, stride_x: int, element_size: int, has_weight: bool, has_bias: bool,
+    tiling: Optional[Tiling], device: torch.device,
 ) -> _BackwardPlan:
     """The launch plan of :func:`backward` for ``m`` rows of ``n`` elements (``tiling`` as given to it)."""
     tiling = tiling or default_tiling("backward", n, element_size)
     meta = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
                 PREFETCH=tiling.prefetch, num_warps=tiling.num_warps)
+    row_means_meta = dict(HAS_WEIGHT=has_weight, BLOCK_N=4096, num_warps=8)
+    scalars = (m, n, stride_dy, stride_x)
     row_blocks = cdiv(m, tiling.block_m)
     if tiling.block_n >= n:
         n_partials = _programs(tiling, row_blocks, device)
-        return _BackwardPlan(False, n_partials, (n_partials,), meta)
+        return _BackwardPlan(False, n_partials, (n_partials,), scalars, meta, row_means_meta, launch_key())
     col_blocks = cdiv(n, tiling.block_n)
     n_partials = cdiv(_programs(tiling, col_blocks * row_blocks, device), col_blocks)
-    return _BackwardPlan(True, n_partials, (col_blocks, n_partials), meta)
+    return _BackwardPlan(True, n_partials, (col_blocks, n_partials), scalars, meta, row_means_meta, launch_key())
 
 
 def backward(
@@ -507,27 +518,22 @@ def backward(
     m, n, stride_x = _matrix(x)
     stride_dy = _matrix(dy)[2]
     device = x.device
-    launch = launcher(traceable)
-    dx = torch.empty(x.shape, dtype=x.dtype, device=device)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     has_weight, has_bias = weight is not None, bias_dtype is not None
-    plan = memoized_plan(_backward_plan, (m, n), x.element_size(), has_weight, has_bias, tiling, device)
+    plan = memoized_plan(_backward_plan, (m, n, stride_dy, stride_x), x.element_size(), has_weight, has_bias,
+                         tiling, device)
     w = x if weight is None else weight  # a placeholder pointer when absent: never read
     sums = int(has_weight) + int(has_bias)  # rows of per-program partial sums: dW's, then dB's
+    partials = x.new_empty((sums, plan.n_partials, n), dtype=torch.float32)
     if not plan.column_tiled:
-        partials = torch.empty((sums, plan.n_partials, n), dtype=torch.float32, device=device)
-        launch(_backward_rows_kernel)[plan.grid](
-            dy, x, w, stats, dx, partials, m, n, stride_dy, stride_x, **plan.meta
-        )
+        launch_keyed(_backward_rows_kernel, plan.grid, plan.key, (dy, x, w, stats, dx, partials, *plan.scalars),
+                     plan.meta, traceable)
     else:
-        row_means = torch.empty((2, m), dtype=torch.float32, device=device)  # mean(g * xhat), mean(g)
-        launch(_backward_row_means_kernel)[(m,)](
-            dy, x, w, stats, row_means, m, n, stride_dy, stride_x,
-            HAS_WEIGHT=has_weight, BLOCK_N=4096, num_warps=8,
-        )
-        partials = torch.empty((sums, plan.n_partials, n), dtype=torch.float32, device=device)
-        launch(_backward_columns_kernel)[plan.grid](
-            dy, x, w, stats, row_means, dx, partials, m, n, stride_dy, stride_x, **plan.meta,
-        )
+        row_means = x.new_empty((2, m), dtype=torch.float32)  # mean(g * xhat), mean(g)
+        launch_keyed(_backward_row_means_kernel, (m,), plan.key, (dy, x, w, stats, row_means, *plan.scalars),
+                     plan.row_means_meta, traceable)
+        launch_keyed(_backward_columns_kernel, plan.grid, plan.key,
+                     (dy, x, w, stats, row_means, dx, partials, *plan.scalars), plan.meta, traceable)
     if not sums:
         return dx, None, None
     # One reduction over the programs' partial sums (deterministic: a fixed order for a fixed shape).
