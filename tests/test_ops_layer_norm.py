@@ -50,7 +50,9 @@ def test_forward_backward_match_float64(dtype, n):
         y = layer_norm(x, (n,), w, b)
         dx, dw, db = torch.autograd.grad(y, (x, w, b), dy)
         assert torch.equal(y, b.expand_as(y).to(dtype)) and not dx.any() and not dw.any()
-        assert rel_err(db, dy.double().sum(0)) < TOL[dtype]
+        # db sums 5 values that may nearly cancel: bound the error by the sum of their magnitudes
+        dy64 = dy.double()
+        assert float((db.double() - dy64.sum(0)).abs().max() / dy64.abs().sum(0).max()) < TOL[dtype]
         return
     check_against_float64(x, w, b, dy, (n,), TOL[dtype])
 
