@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from slipstream.ops._backend import triton_available, use_triton
+from slipstream.ops._backend import interpreting, triton_available, use_triton
 from slipstream.ops._triton_op import body_uses_triton, launcher
 from slipstream.ops.dropout import seeded_dropout
 from slipstream.ops.layer_norm import layer_norm
@@ -92,7 +92,8 @@ def test_body_backend_choice_on_cpu():
         fake = mode.from_tensor(x)
         # Interpreted kernels cannot be traced: fake CPU tensors always take the fallback.
         assert not body_uses_triton(fake)
-    assert launcher(False)(len) is len
+    if interpreting():  # interpreted kernels launch as they are; compiled ones through a cached launcher
+        assert launcher(False)(len) is len
 
 
 @pytest.mark.parametrize("layer_norm_path", ["inductor", "kernel"])
