@@ -69,10 +69,11 @@ def stub_launches() -> None:
     _triton_op.interpreting = lambda: False
     launchers: dict = {}
 
-    def cached(kernel):
-        if kernel not in launchers:
-            launchers[kernel] = CachedLauncher(_KernelStub(kernel), stream_of=lambda device: 0)
-        return launchers[kernel]
+    def cached(kernel):  # keyed by id, as cached_launcher is
+        launcher = launchers.get(id(kernel))
+        if launcher is None:
+            launcher = launchers[id(kernel)] = CachedLauncher(_KernelStub(kernel), stream_of=lambda device: 0)
+        return launcher
 
     _triton_op._cached = cached
     torch.cuda.current_device = lambda: 0
