@@ -134,15 +134,16 @@ def _launch(x: Tensor, out: Tensor, p: float, key: Union[int, Tensor], traceable
     """Launch the kernel keyed by ``key``: an int or 0-d tensor for every row, or one seed per row (1-D)."""
     from slipstream.ops.kernels.dropout import launch_seeded_dropout
 
+    seed, seeds = 0, None
     if isinstance(key, int):
-        keys = dict(seed=key)
+        seed = key
     elif key.dim() == 1:
-        keys = dict(seeds=key)
+        seeds = key
     elif traceable:  # traced code cannot read the seed on the host: the kernel reads it from memory
-        keys = dict(seeds=_on_device(key, x.device).expand(1 if one_row else x.shape[0]))
+        seeds = _on_device(key, x.device).expand(1 if one_row else x.shape[0])
     else:
-        keys = dict(seed=int(key))
-    launch_seeded_dropout(x, out, keep_threshold(p), _scale(p), **keys, traceable=traceable, one_row=one_row)
+        seed = int(key)
+    launch_seeded_dropout(x, out, keep_threshold(p), _scale(p), seed, seeds, traceable=traceable, one_row=one_row)
 
 
 def _dropout_2d(x: Tensor, p: float, key: Union[int, Tensor], traceable: bool = False) -> Tensor:
