@@ -125,7 +125,8 @@ def _validate(
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if not shape or not all(isinstance(d, int) and d > 0 for d in shape):
-        raise ValueError(f"normalized_shape must be a positive int or a non-empty sequence of them, got {normalized_shape!r}")
+        raise ValueError(
+            f"normalized_shape must be a positive int or a non-empty sequence of them, got {normalized_shape!r}")
     for name, param in (("weight", weight), ("bias", bias)):
         if param is None:
             continue
@@ -146,7 +147,8 @@ def _check_x(x: Tensor, shape: tuple[int, ...]) -> None:
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x.dtype must be one of {_FLOAT_DTYPES}, got {x.dtype}")
     if x.shape[x.dim() - len(shape):] != shape:
-        raise ValueError(f"normalized_shape={shape} must equal the last dimensions of x, whose shape is {tuple(x.shape)}")
+        raise ValueError(
+            f"normalized_shape={shape} must equal the last dimensions of x, whose shape is {tuple(x.shape)}")
 
 
 def _as_rows(t: Tensor, normalized_ndim: int) -> Tensor:
