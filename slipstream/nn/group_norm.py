@@ -10,7 +10,7 @@ from torch import nn
 
 from slipstream.nn._autocast import active_autocast_dtype, cast_optional
 from slipstream.ops._backend import triton_available
-from slipstream.ops.group_norm import ACTIVATIONS, group_norm_of_module
+from slipstream.ops.group_norm import check_activation, group_norm_of_module
 
 __all__ = ["LPGroupNorm", "FusedGroupNorm", "fuse_silu_into_group_norms"]
 
@@ -85,8 +85,7 @@ class FusedGroupNorm(nn.GroupNorm):
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
                  activation: Optional[str] = None, **kwargs) -> None:
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation={activation!r} is not supported; allowed values: {ACTIVATIONS}")
+        check_activation(activation)
         super().__init__(num_groups, num_channels, eps=eps, affine=affine, **kwargs)
         self.activation = activation
 

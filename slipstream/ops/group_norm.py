@@ -240,6 +240,16 @@ class _EagerGroupNorm(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None, None
 
 
+def check_activation(activation: Optional[str]) -> None:
+    """Raise ValueError unless ``activation`` is one of :data:`ACTIVATIONS`.
+
+    Example:
+        >>> check_activation("silu")
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is not supported; allowed values: {ACTIVATIONS}")
+
+
 def _check_x(x: Tensor, num_groups: int) -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
@@ -260,8 +270,7 @@ def _validate(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Option
                              f"{param.dtype} {tuple(param.shape)}")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps!r}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation={activation!r} is not supported; allowed values: {ACTIVATIONS}")
+    check_activation(activation)
     if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
         raise TypeError(f"out_dtype must be a floating-point torch.dtype or None, got {out_dtype!r}")
 
@@ -320,8 +329,7 @@ def group_norm_of_module(module: torch.nn.GroupNorm, x: Tensor, activation: Opti
     if x.dim() >= 2 and x.shape[1] != module.num_channels:
         raise ValueError(f"x must have {module.num_channels} channels (dim 1), got shape {tuple(x.shape)}")
     _check_x(x, module.num_groups)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation={activation!r} is not supported; allowed values: {ACTIVATIONS}")
+    check_activation(activation)
     return _group_norm(x, module.num_groups, module.weight, module.bias, float(module.eps), activation, out_dtype)
 
 
