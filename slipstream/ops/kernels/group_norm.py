@@ -82,18 +82,11 @@ def _program_place(vid, n_cblocks, n_chunks):
 
 
 @triton.jit
-def _tile_offsets(c, s, sc, ss, UNIT: tl.constexpr, CM: tl.constexpr):
-    """64-bit in-sample offsets of a tile: (positions, channels) where channels are the tensor's run of
-    memory (CM), else (channels, positions). Either way the run is the tile's last axis, which is the
-    one Triton's default layout, that of loop-carried accumulators, keeps in each thread's registers:
-    a channels_last tile held the other way round went through shared memory at every load (on the
-    H200, its statistics launch was bound by L1 traffic at 7% of DRAM bandwidth). The stride UNIT
-    names is the literal 1, so Triton sees the run and vectorizes along it."""
-    c64 = _per_channel(c.to(tl.int64), CM)
-    if CM:
-        s64 = s.to(tl.int64)[:, None]
-    else:
-        s64 = s.to(tl.int64)[None, :]
+def _tile_offsets(c, s, sc, ss, UNIT: tl.constexpr):
+    """64-bit in-sample offsets of a (channels, positions) tile. The stride UNIT names is the literal 1,
+    so Triton sees the run of memory and vectorizes along it."""
+    c64 = c.to(tl.int64)[:, None]
+    s64 = s.to(tl.int64)[None, :]
     if UNIT == 0:
         offs = c64 + s64 * ss
     elif UNIT == 1:
@@ -101,44 +94,6 @@ def _tile_offsets(c, s, sc, ss, UNIT: tl.constexpr, CM: tl.constexpr):
     else:
         offs = c64 * sc + s64 * ss
     return offs
-
-
-@triton.jit
-def _per_channel(v, CM: tl.constexpr):
-    """A per-channel vector as a tile row (CM) or column, to broadcast over the tile."""
-    if CM:
-        out = v[None, :]
-    else:
-        out = v[:, None]
-    return out
-
-
-@triton.jit
-def _tile_mask(cmask, smask, CM: tl.constexpr):
-    if CM:
-        out = smask[:, None] & cmask[None, :]
-    else:
-        out = cmask[:, None] & smask[None, :]
-    return out
-
-
-@triton.jit
-def _channel_sum(t, CM: tl.constexpr):
-    """Sum a tile over its positions: one value a channel."""
-    if CM:
-        out = tl.sum(t, axis=0)
-    else:
-        out = tl.sum(t, axis=1)
-    return out
-
-
-@triton.jit
-def _tile_zeros(CB: tl.constexpr, SB: tl.constexpr, CM: tl.constexpr):
-    if CM:
-        out = tl.zeros([SB, CB], tl.float32)
-    else:
-        out = tl.zeros([CB, SB], tl.float32)
-    return out
 
 
 @triton.jit
@@ -353,9 +308,9 @@ def _position_step(ss, SB: tl.constexpr, UNIT: tl.constexpr):
 def _forward_stats_kernel(
     X, MEAN, RSTD, SCRATCH, SYNC, SYNC_NEXT, sync_words,
     C, G, S, n_cblocks, n_chunks, tiles, sxn, sxc, sxs, gr_at, eps,
-    CG: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, CM: tl.constexpr, UX: tl.constexpr,
-    UNROLL: tl.constexpr, FOLD: tl.constexpr, FOLD_GBLK: tl.constexpr, FOLD_CGP: tl.constexpr,
-    COMB_GBLK: tl.constexpr, COMB_CGP: tl.constexpr, KB: tl.constexpr,
+    CG: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, UX: tl.constexpr, UNROLL: tl.constexpr,
+    FOLD: tl.constexpr, FOLD_GBLK: tl.constexpr, FOLD_CGP: tl.constexpr, COMB_GBLK: tl.constexpr,
+    COMB_CGP: tl.constexpr, KB: tl.constexpr,
 ):
     _clear_for_next_launch(SYNC_NEXT, sync_words)
     n, cb, chunk = _program_place(tl.program_id(0), n_cblocks, n_chunks)
@@ -364,26 +319,26 @@ def _forward_stats_kernel(
     chunk_len = tiles * SB
     s0 = chunk * chunk_len
     end = tl.minimum(S, s0 + chunk_len)
-    ptrs = X + n.to(tl.int64) * sxn + _tile_offsets(c, s0 + tl.arange(0, SB), sxc, sxs, UX, CM)
+    ptrs = X + n.to(tl.int64) * sxn + _tile_offsets(c, s0 + tl.arange(0, SB), sxc, sxs, UX)
     step = _position_step(sxs, SB, UX)
     # deviations from each channel's mean over the first tile: no large sums are subtracted below
-    mask = _tile_mask(cmask, s0 + tl.arange(0, SB) < end, CM)
+    mask = cmask[:, None] & (s0 + tl.arange(0, SB) < end)[None, :]
     x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    pivot_c = _channel_sum(x, CM) / tl.minimum(SB, end - s0).to(tl.float32)
-    pivot = _per_channel(pivot_c, CM)
-    acc1 = tl.where(mask, x - pivot, 0.0)
+    pivot = tl.sum(x, axis=1) / tl.minimum(SB, end - s0).to(tl.float32)
+    acc1 = tl.where(mask, x - pivot[:, None], 0.0)
     acc2 = acc1 * acc1
     for t0 in range(1, tiles, UNROLL):
         for u in tl.static_range(UNROLL):  # loads of UNROLL tiles in flight at once
-            mask = _tile_mask(cmask, s0 + (t0 + u) * SB + tl.arange(0, SB) < end, CM)
+            s = s0 + (t0 + u) * SB + tl.arange(0, SB)
+            mask = cmask[:, None] & (s < end)[None, :]
             x = tl.load(ptrs + (t0 + u) * step, mask=mask, other=0.0).to(tl.float32)
-            d = tl.where(mask, x - pivot, 0.0)
+            d = tl.where(mask, x - pivot[:, None], 0.0)
             acc1 += d
             acc2 += d * d
     count = (end - s0).to(tl.float32)
-    s1 = _channel_sum(acc1, CM)
-    s2 = _channel_sum(acc2, CM)
-    _finish_statistics(SCRATCH, MEAN, RSTD, X, SYNC, pivot_c + s1 / count, tl.maximum(s2 - s1 * (s1 / count), 0.0),
+    s1 = tl.sum(acc1, axis=1)
+    s2 = tl.sum(acc2, axis=1)
+    _finish_statistics(SCRATCH, MEAN, RSTD, X, SYNC, pivot + s1 / count, tl.maximum(s2 - s1 * (s1 / count), 0.0),
                        c, cmask, n, chunk, count, n_cblocks, n_chunks, chunk_len, C, G, S, gr_at, eps, CG, FOLD,
                        FOLD_GBLK, FOLD_CGP, COMB_GBLK, COMB_CGP, KB, False, True)
 
@@ -392,7 +347,7 @@ def _forward_stats_kernel(
 def _forward_apply_kernel(
     X, Y, W, B, MEAN, RSTD,
     C, G, S, n_cblocks, n_chunks, tiles, sxn, sxc, sxs, syn, syc, sys_,
-    CG: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, CM: tl.constexpr, UX: tl.constexpr, UY: tl.constexpr,
+    CG: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, UX: tl.constexpr, UY: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
 ):
     n, cb, chunk = _program_place(tl.num_programs(0) - 1 - tl.program_id(0), n_cblocks, n_chunks)
@@ -402,16 +357,16 @@ def _forward_apply_kernel(
     mean = tl.load(MEAN + stat, mask=cmask, other=0.0)
     rstd = tl.load(RSTD + stat, mask=cmask, other=0.0)
     w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
-    scale = _per_channel(rstd * w, CM)
-    shift = _per_channel(b - mean * rstd * w, CM)
+    scale = (rstd * w)[:, None]
+    shift = (b - mean * rstd * w)[:, None]
     s0 = chunk * tiles * SB
-    end = tl.minimum(S, s0 + tiles * SB)
-    x_ptrs = X + n.to(tl.int64) * sxn + _tile_offsets(c, s0 + tl.arange(0, SB), sxc, sxs, UX, CM)
-    y_ptrs = Y + n.to(tl.int64) * syn + _tile_offsets(c, s0 + tl.arange(0, SB), syc, sys_, UY, CM)
+    x_ptrs = X + n.to(tl.int64) * sxn + _tile_offsets(c, s0 + tl.arange(0, SB), sxc, sxs, UX)
+    y_ptrs = Y + n.to(tl.int64) * syn + _tile_offsets(c, s0 + tl.arange(0, SB), syc, sys_, UY)
     x_step = _position_step(sxs, SB, UX)
     y_step = _position_step(sys_, SB, UY)
     for t in range(tiles):
-        mask = _tile_mask(cmask, s0 + t * SB + tl.arange(0, SB) < end, CM)
+        s = s0 + t * SB + tl.arange(0, SB)
+        mask = cmask[:, None] & (s < S)[None, :]
         z = tl.load(x_ptrs + t * x_step, mask=mask, other=0.0).to(tl.float32) * scale + shift
         if SILU:
             z = z / (1.0 + tl.exp(-z))
@@ -424,18 +379,17 @@ def _forward_apply_kernel(
 
 
 @triton.jit
-def _channel_statistics(MEAN, RSTD, n, G, c, cmask, CG: tl.constexpr, CM: tl.constexpr):
-    """Two per-group values (N, G) of each tile channel's group, broadcastable over the tile."""
+def _channel_statistics(MEAN, RSTD, n, G, c, cmask, CG: tl.constexpr):
     stat = n * G + c // CG
-    return (_per_channel(tl.load(MEAN + stat, mask=cmask, other=0.0), CM),
-            _per_channel(tl.load(RSTD + stat, mask=cmask, other=0.0), CM))
+    return (tl.load(MEAN + stat, mask=cmask, other=0.0)[:, None],
+            tl.load(RSTD + stat, mask=cmask, other=0.0)[:, None])
 
 
 @triton.jit(do_not_specialize=["sync_words"])
 def _backward_stats_kernel(
     X, DY, W, B, MEAN, RSTD, SCRATCH, SYNC, SYNC_NEXT, sync_words,
     C, G, S, n_cblocks, n_chunks, tiles, sxn, sxc, sxs, sdn, sdc, sds, gr_at, vals_at, vals1_at,
-    CG: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, CM: tl.constexpr, UX: tl.constexpr, UD: tl.constexpr,
+    CG: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, UX: tl.constexpr, UD: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, UNROLL: tl.constexpr, FOLD: tl.constexpr,
     FOLD_GBLK: tl.constexpr, FOLD_CGP: tl.constexpr, COMB_GBLK: tl.constexpr, COMB_CGP: tl.constexpr,
     KB: tl.constexpr,
@@ -444,64 +398,64 @@ def _backward_stats_kernel(
     n, cb, chunk = _program_place(tl.program_id(0), n_cblocks, n_chunks)
     c = cb * CB + tl.arange(0, CB)
     cmask = c < C
-    mean, rstd = _channel_statistics(MEAN, RSTD, n, G, c, cmask, CG, CM)
+    mean, rstd = _channel_statistics(MEAN, RSTD, n, G, c, cmask, CG)
     w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
-    w_t, b_t = _per_channel(w, CM), _per_channel(b, CM)
     chunk_len = tiles * SB
     s0 = chunk * chunk_len
-    end = tl.minimum(S, s0 + chunk_len)
-    x_ptrs = X + n.to(tl.int64) * sxn + _tile_offsets(c, s0 + tl.arange(0, SB), sxc, sxs, UX, CM)
-    dy_ptrs = DY + n.to(tl.int64) * sdn + _tile_offsets(c, s0 + tl.arange(0, SB), sdc, sds, UD, CM)
+    x_ptrs = X + n.to(tl.int64) * sxn + _tile_offsets(c, s0 + tl.arange(0, SB), sxc, sxs, UX)
+    dy_ptrs = DY + n.to(tl.int64) * sdn + _tile_offsets(c, s0 + tl.arange(0, SB), sdc, sds, UD)
     x_step = _position_step(sxs, SB, UX)
     dy_step = _position_step(sds, SB, UD)
-    acc_dy = _tile_zeros(CB, SB, CM)
-    acc_dy_xhat = _tile_zeros(CB, SB, CM)
+    end = tl.minimum(S, s0 + chunk_len)
+    acc_dy = tl.zeros([CB, SB], tl.float32)
+    acc_dy_xhat = tl.zeros([CB, SB], tl.float32)
     for t0 in range(0, tiles, UNROLL):
         for u in tl.static_range(UNROLL):  # loads of UNROLL tiles in flight at once
-            mask = _tile_mask(cmask, s0 + (t0 + u) * SB + tl.arange(0, SB) < end, CM)
+            s = s0 + (t0 + u) * SB + tl.arange(0, SB)
+            mask = cmask[:, None] & (s < end)[None, :]
             x = tl.load(x_ptrs + (t0 + u) * x_step, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptrs + (t0 + u) * dy_step, mask=mask, other=0.0).to(tl.float32)
             xhat = (x - mean) * rstd
             if SILU:  # z recomputed from x; masked lanes keep dy = 0
-                dy = _silu_grad(dy, xhat * w_t + b_t)
+                dy = _silu_grad(dy, xhat * w[:, None] + b[:, None])
             acc_dy += dy
             acc_dy_xhat += dy * xhat
-    _finish_statistics(SCRATCH, SCRATCH + vals_at, SCRATCH + vals1_at, W, SYNC, _channel_sum(acc_dy, CM),
-                       _channel_sum(acc_dy_xhat, CM), c, cmask, n, chunk, 0.0, n_cblocks, n_chunks, chunk_len, C, G,
-                       S, gr_at, 0.0, CG, FOLD, FOLD_GBLK, FOLD_CGP, COMB_GBLK, COMB_CGP, KB, HAS_W, False)
+    _finish_statistics(SCRATCH, SCRATCH + vals_at, SCRATCH + vals1_at, W, SYNC, tl.sum(acc_dy, axis=1),
+                       tl.sum(acc_dy_xhat, axis=1), c, cmask, n, chunk, 0.0, n_cblocks, n_chunks, chunk_len, C, G, S,
+                       gr_at, 0.0, CG, FOLD, FOLD_GBLK, FOLD_CGP, COMB_GBLK, COMB_CGP, KB, HAS_W, False)
 
 
 @triton.jit
 def _backward_apply_kernel(
     X, DY, DX, W, B, MEAN, RSTD, SCRATCH,
     C, G, S, n_cblocks, n_chunks, tiles, sxn, sxc, sxs, sdn, sdc, sds, sgn, sgc, sgs, vals_at, vals1_at,
-    CG: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, CM: tl.constexpr, UX: tl.constexpr, UD: tl.constexpr,
-    UG: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
+    CG: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, UX: tl.constexpr, UD: tl.constexpr, UG: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
 ):
     n, cb, chunk = _program_place(tl.num_programs(0) - 1 - tl.program_id(0), n_cblocks, n_chunks)
     c = cb * CB + tl.arange(0, CB)
     cmask = c < C
-    mean, rstd = _channel_statistics(MEAN, RSTD, n, G, c, cmask, CG, CM)
+    mean, rstd = _channel_statistics(MEAN, RSTD, n, G, c, cmask, CG)
     # the group means of w * dy' and w * dy' * xhat, from the statistics launch
-    mean_g, mean_gx = _channel_statistics(SCRATCH + vals_at, SCRATCH + vals1_at, n, G, c, cmask, CG, CM)
+    mean_g, mean_gx = _channel_statistics(SCRATCH + vals_at, SCRATCH + vals1_at, n, G, c, cmask, CG)
     w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
-    w_t, b_t = _per_channel(w, CM), _per_channel(b, CM)
+    w = w[:, None]
     s0 = chunk * tiles * SB
-    end = tl.minimum(S, s0 + tiles * SB)
-    x_ptrs = X + n.to(tl.int64) * sxn + _tile_offsets(c, s0 + tl.arange(0, SB), sxc, sxs, UX, CM)
-    dy_ptrs = DY + n.to(tl.int64) * sdn + _tile_offsets(c, s0 + tl.arange(0, SB), sdc, sds, UD, CM)
-    dx_ptrs = DX + n.to(tl.int64) * sgn + _tile_offsets(c, s0 + tl.arange(0, SB), sgc, sgs, UG, CM)
+    x_ptrs = X + n.to(tl.int64) * sxn + _tile_offsets(c, s0 + tl.arange(0, SB), sxc, sxs, UX)
+    dy_ptrs = DY + n.to(tl.int64) * sdn + _tile_offsets(c, s0 + tl.arange(0, SB), sdc, sds, UD)
+    dx_ptrs = DX + n.to(tl.int64) * sgn + _tile_offsets(c, s0 + tl.arange(0, SB), sgc, sgs, UG)
     x_step = _position_step(sxs, SB, UX)
     dy_step = _position_step(sds, SB, UD)
     dx_step = _position_step(sgs, SB, UG)
     for t in range(tiles):
-        mask = _tile_mask(cmask, s0 + t * SB + tl.arange(0, SB) < end, CM)
+        s = s0 + t * SB + tl.arange(0, SB)
+        mask = cmask[:, None] & (s < S)[None, :]
         x = tl.load(x_ptrs + t * x_step, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptrs + t * dy_step, mask=mask, other=0.0).to(tl.float32)
         xhat = (x - mean) * rstd
         if SILU:
-            dy = _silu_grad(dy, xhat * w_t + b_t)
-        dx = (dy * w_t - mean_g - xhat * mean_gx) * rstd
+            dy = _silu_grad(dy, xhat * w + b[:, None])
+        dx = (dy * w - mean_g - xhat * mean_gx) * rstd
         tl.store(dx_ptrs + t * dx_step, dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -645,10 +599,9 @@ class _Step(NamedTuple):
 
 
 def _stats_meta(plan: Plan, cg: int) -> dict:
-    return dict(CG=cg, CB=plan.channels, SB=plan.positions, CM=plan.channels_major, UNROLL=plan.unroll,
-                FOLD=plan.fold, FOLD_GBLK=plan.fold_groups, FOLD_CGP=plan.group_lanes,
-                COMB_GBLK=plan.combine_groups, COMB_CGP=plan.combine_lanes, KB=plan.combine_rows,
-                num_warps=plan.num_warps)
+    return dict(CG=cg, CB=plan.channels, SB=plan.positions, UNROLL=plan.unroll, FOLD=plan.fold,
+                FOLD_GBLK=plan.fold_groups, FOLD_CGP=plan.group_lanes, COMB_GBLK=plan.combine_groups, COMB_CGP=plan.combine_lanes,
+                KB=plan.combine_rows, num_warps=plan.num_warps)
 
 
 def _grids(plan: Plan, n: int) -> tuple[tuple[int], tuple[int]]:
@@ -668,10 +621,9 @@ def _forward_steps(plan: Plan, n: int, c: int, s: int, num_groups: int, x_stride
     stats = _Step(_forward_stats_kernel, stats_grid,
                   (*shape, plan.stats_chunks, plan.stats_tiles, *x_strides, gr_at, eps),
                   dict(_stats_meta(plan, cg), UX=ux), launch_key())
-    apply = _Step(_forward_apply_kernel, apply_grid,
-                  (*shape, plan.apply_chunks, plan.apply_tiles, *x_strides, *y_strides),
-                  dict(CG=cg, CB=plan.channels, SB=plan.positions, CM=plan.channels_major, UX=ux, UY=uy,
-                       HAS_W=has_w, HAS_B=has_b, SILU=silu, num_warps=plan.num_warps), launch_key())
+    apply = _Step(_forward_apply_kernel, apply_grid, (*shape, plan.apply_chunks, plan.apply_tiles, *x_strides, *y_strides),
+                  dict(CG=cg, CB=plan.channels, SB=plan.positions, UX=ux, UY=uy, HAS_W=has_w, HAS_B=has_b, SILU=silu,
+                       num_warps=plan.num_warps), launch_key())
     return stats, apply
 
 
@@ -691,8 +643,8 @@ def _backward_steps(plan: Plan, n: int, c: int, s: int, num_groups: int, strides
                   dict(_stats_meta(plan, cg), UX=ux, UD=ud, **flags), launch_key())
     apply = _Step(_backward_apply_kernel, apply_grid,
                   (*shape, plan.apply_chunks, plan.apply_tiles, *x_strides, *dy_strides, *dx_strides, *vals),
-                  dict(CG=cg, CB=plan.channels, SB=plan.positions, CM=plan.channels_major, UX=ux, UD=ud, UG=ug,
-                       num_warps=plan.num_warps, **flags), launch_key())
+                  dict(CG=cg, CB=plan.channels, SB=plan.positions, UX=ux, UD=ud, UG=ug, num_warps=plan.num_warps,
+                       **flags), launch_key())
     return stats, apply
 
 
