@@ -53,9 +53,6 @@ ELEMENTS_PER_THREAD = 16
 # chunks at most MAX_CHUNKS, which bounds what the sample's last program combines.
 STATS_PROGRAMS = 1024
 APPLY_PROGRAMS = 2048
-# Tiles a statistics program loads before it adds any of them up: more bytes in flight a thread, for
-# the same accumulator registers.
-STATS_UNROLL = 2
 MAX_CHUNKS = 128
 # Widest channels_last row a tile holds whole (channels, a power of two); wider rows are cut into
 # channel blocks whose partials stay per channel.
@@ -246,42 +243,19 @@ def _combine_sample(PART, OUT0, OUT1, W, n_chunks, chunk_len, S, G, eps, SLOTS, 
 
 
 @triton.jit
-def _finish_statistics(SCRATCH, OUT0, OUT1, W, SYNC, v0, v1, c, cmask, n, chunk, count, n_cblocks, n_chunks,
-                       chunk_len, C, G, S, gr_at, eps, CG: tl.constexpr, FOLD: tl.constexpr,
+def _finish_statistics(SCRATCH, OUT0, OUT1, W, SYNC, n, chunk, count, n_cblocks, n_chunks, chunk_len,
+                       C, G, S, gr_at, eps, CG: tl.constexpr, BY_GROUP: tl.constexpr,
                        FOLD_GBLK: tl.constexpr, FOLD_CGP: tl.constexpr, COMB_GBLK: tl.constexpr,
                        COMB_CGP: tl.constexpr, KB: tl.constexpr, HAS_W: tl.constexpr, FORWARD: tl.constexpr):
-    """Store a statistics program's per-channel partials ``v0``, ``v1`` (SCRATCH, (N, n_chunks, 2, C)),
-    folded into groups where its tile held whole rows, count it in, and combine the sample if it is last.
-
-    FOLD: 0 keeps the partials per channel; 1 folds them through a staging copy (any widths); 2 folds
-    them in registers (the tile's channels are all C of them, C and C/G powers of two). Backward keeps
-    the per-channel sums whatever FOLD is: they also give dW and dB.
-    """
+    """After a statistics program stored its per-channel partials (SCRATCH, (N, n_chunks, 2, C)): fold
+    them into groups where its tile held whole rows, count it in, and combine the sample if it is last."""
     piece = (n * n_chunks + chunk).to(tl.int64)
-    stage = SCRATCH + piece * 2 * C
-    folded = SCRATCH + gr_at + piece * 2 * G
-    if FOLD != 2 or not FORWARD:
-        tl.store(stage + c, v0, mask=cmask)
-        tl.store(stage + C + c, v1, mask=cmask)
-    if FOLD == 1:
-        _fold_to_groups(stage, folded, W, count, C, G, CG, FOLD_GBLK, FOLD_CGP, HAS_W, FORWARD)
-    elif FOLD == 2:
-        j = tl.arange(0, FOLD_GBLK)
-        if FORWARD:
-            mean = _group_sum(v0, FOLD_GBLK, CG) / CG
-            d = v0 - _per_group_lane(mean, FOLD_GBLK, CG)
-            tl.store(folded + j, mean)
-            tl.store(folded + G + j, _group_sum(v1 + count * d * d, FOLD_GBLK, CG))
-        else:
-            if HAS_W:
-                w = tl.load(W + c).to(tl.float32)
-                v0 = v0 * w
-                v1 = v1 * w
-            tl.store(folded + j, _group_sum(v0, FOLD_GBLK, CG))
-            tl.store(folded + G + j, _group_sum(v1, FOLD_GBLK, CG))
+    if BY_GROUP:
+        _fold_to_groups(SCRATCH + piece * 2 * C, SCRATCH + gr_at + piece * 2 * G, W, count, C, G, CG,
+                        FOLD_GBLK, FOLD_CGP, HAS_W, FORWARD)
     if _arrives_last(SYNC + n, n_cblocks * n_chunks):
         first = (n * n_chunks).to(tl.int64)
-        if FOLD != 0:
+        if BY_GROUP:
             _combine_sample(SCRATCH + gr_at + first * 2 * G, OUT0 + n * G, OUT1 + n * G, W, n_chunks, chunk_len,
                             S, G, eps, G, 1, CG, COMB_GBLK, COMB_CGP, KB, HAS_W, False, FORWARD)
         else:
@@ -308,9 +282,9 @@ def _position_step(ss, SB: tl.constexpr, UNIT: tl.constexpr):
 def _forward_stats_kernel(
     X, MEAN, RSTD, SCRATCH, SYNC, SYNC_NEXT, sync_words,
     C, G, S, n_cblocks, n_chunks, tiles, sxn, sxc, sxs, gr_at, eps,
-    CG: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, UX: tl.constexpr, UNROLL: tl.constexpr,
-    FOLD: tl.constexpr, FOLD_GBLK: tl.constexpr, FOLD_CGP: tl.constexpr, COMB_GBLK: tl.constexpr,
-    COMB_CGP: tl.constexpr, KB: tl.constexpr,
+    CG: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, UX: tl.constexpr, BY_GROUP: tl.constexpr,
+    FOLD_GBLK: tl.constexpr, FOLD_CGP: tl.constexpr, COMB_GBLK: tl.constexpr, COMB_CGP: tl.constexpr,
+    KB: tl.constexpr,
 ):
     _clear_for_next_launch(SYNC_NEXT, sync_words)
     n, cb, chunk = _program_place(tl.program_id(0), n_cblocks, n_chunks)
@@ -318,29 +292,28 @@ def _forward_stats_kernel(
     cmask = c < C
     chunk_len = tiles * SB
     s0 = chunk * chunk_len
-    end = tl.minimum(S, s0 + chunk_len)
-    ptrs = X + n.to(tl.int64) * sxn + _tile_offsets(c, s0 + tl.arange(0, SB), sxc, sxs, UX)
+    xs = X + n.to(tl.int64) * sxn
+    # deviations from the channel's first value in the chunk: no large sums subtracted below
+    pivot = tl.load(xs + c.to(tl.int64) * sxc + s0.to(tl.int64) * sxs, mask=cmask, other=0.0).to(tl.float32)
+    ptrs = xs + _tile_offsets(c, s0 + tl.arange(0, SB), sxc, sxs, UX)
     step = _position_step(sxs, SB, UX)
-    # deviations from each channel's mean over the first tile: no large sums are subtracted below
-    mask = cmask[:, None] & (s0 + tl.arange(0, SB) < end)[None, :]
-    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    pivot = tl.sum(x, axis=1) / tl.minimum(SB, end - s0).to(tl.float32)
-    acc1 = tl.where(mask, x - pivot[:, None], 0.0)
-    acc2 = acc1 * acc1
-    for t0 in range(1, tiles, UNROLL):
-        for u in tl.static_range(UNROLL):  # loads of UNROLL tiles in flight at once
-            s = s0 + (t0 + u) * SB + tl.arange(0, SB)
-            mask = cmask[:, None] & (s < end)[None, :]
-            x = tl.load(ptrs + (t0 + u) * step, mask=mask, other=0.0).to(tl.float32)
-            d = tl.where(mask, x - pivot[:, None], 0.0)
-            acc1 += d
-            acc2 += d * d
-    count = (end - s0).to(tl.float32)
+    acc1 = tl.zeros([CB, SB], tl.float32)
+    acc2 = tl.zeros([CB, SB], tl.float32)
+    for t in range(tiles):
+        s = s0 + t * SB + tl.arange(0, SB)
+        mask = cmask[:, None] & (s < S)[None, :]
+        x = tl.load(ptrs + t * step, mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, x - pivot[:, None], 0.0)
+        acc1 += d
+        acc2 += d * d
+    count = tl.minimum(chunk_len, S - s0).to(tl.float32)
     s1 = tl.sum(acc1, axis=1)
     s2 = tl.sum(acc2, axis=1)
-    _finish_statistics(SCRATCH, MEAN, RSTD, X, SYNC, pivot + s1 / count, tl.maximum(s2 - s1 * (s1 / count), 0.0),
-                       c, cmask, n, chunk, count, n_cblocks, n_chunks, chunk_len, C, G, S, gr_at, eps, CG, FOLD,
-                       FOLD_GBLK, FOLD_CGP, COMB_GBLK, COMB_CGP, KB, False, True)
+    stage = SCRATCH + (n * n_chunks + chunk).to(tl.int64) * 2 * C
+    tl.store(stage + c, pivot + s1 / count, mask=cmask)
+    tl.store(stage + C + c, tl.maximum(s2 - s1 * (s1 / count), 0.0), mask=cmask)
+    _finish_statistics(SCRATCH, MEAN, RSTD, X, SYNC, n, chunk, count, n_cblocks, n_chunks, chunk_len, C, G, S,
+                       gr_at, eps, CG, BY_GROUP, FOLD_GBLK, FOLD_CGP, COMB_GBLK, COMB_CGP, KB, False, True)
 
 
 @triton.jit
@@ -390,7 +363,7 @@ def _backward_stats_kernel(
     X, DY, W, B, MEAN, RSTD, SCRATCH, SYNC, SYNC_NEXT, sync_words,
     C, G, S, n_cblocks, n_chunks, tiles, sxn, sxc, sxs, sdn, sdc, sds, gr_at, vals_at, vals1_at,
     CG: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, UX: tl.constexpr, UD: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, UNROLL: tl.constexpr, FOLD: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, BY_GROUP: tl.constexpr,
     FOLD_GBLK: tl.constexpr, FOLD_CGP: tl.constexpr, COMB_GBLK: tl.constexpr, COMB_CGP: tl.constexpr,
     KB: tl.constexpr,
 ):
@@ -406,23 +379,24 @@ def _backward_stats_kernel(
     dy_ptrs = DY + n.to(tl.int64) * sdn + _tile_offsets(c, s0 + tl.arange(0, SB), sdc, sds, UD)
     x_step = _position_step(sxs, SB, UX)
     dy_step = _position_step(sds, SB, UD)
-    end = tl.minimum(S, s0 + chunk_len)
     acc_dy = tl.zeros([CB, SB], tl.float32)
     acc_dy_xhat = tl.zeros([CB, SB], tl.float32)
-    for t0 in range(0, tiles, UNROLL):
-        for u in tl.static_range(UNROLL):  # loads of UNROLL tiles in flight at once
-            s = s0 + (t0 + u) * SB + tl.arange(0, SB)
-            mask = cmask[:, None] & (s < end)[None, :]
-            x = tl.load(x_ptrs + (t0 + u) * x_step, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptrs + (t0 + u) * dy_step, mask=mask, other=0.0).to(tl.float32)
-            xhat = (x - mean) * rstd
-            if SILU:  # z recomputed from x; masked lanes keep dy = 0
-                dy = _silu_grad(dy, xhat * w[:, None] + b[:, None])
-            acc_dy += dy
-            acc_dy_xhat += dy * xhat
-    _finish_statistics(SCRATCH, SCRATCH + vals_at, SCRATCH + vals1_at, W, SYNC, tl.sum(acc_dy, axis=1),
-                       tl.sum(acc_dy_xhat, axis=1), c, cmask, n, chunk, 0.0, n_cblocks, n_chunks, chunk_len, C, G, S,
-                       gr_at, 0.0, CG, FOLD, FOLD_GBLK, FOLD_CGP, COMB_GBLK, COMB_CGP, KB, HAS_W, False)
+    for t in range(tiles):
+        s = s0 + t * SB + tl.arange(0, SB)
+        mask = cmask[:, None] & (s < S)[None, :]
+        x = tl.load(x_ptrs + t * x_step, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptrs + t * dy_step, mask=mask, other=0.0).to(tl.float32)
+        xhat = (x - mean) * rstd
+        if SILU:  # z recomputed from x; masked lanes keep dy = 0
+            dy = _silu_grad(dy, xhat * w[:, None] + b[:, None])
+        acc_dy += dy
+        acc_dy_xhat += dy * xhat
+    stage = SCRATCH + (n * n_chunks + chunk).to(tl.int64) * 2 * C
+    tl.store(stage + c, tl.sum(acc_dy, axis=1), mask=cmask)
+    tl.store(stage + C + c, tl.sum(acc_dy_xhat, axis=1), mask=cmask)
+    _finish_statistics(SCRATCH, SCRATCH + vals_at, SCRATCH + vals1_at, W, SYNC, n, chunk, 0.0, n_cblocks, n_chunks,
+                       chunk_len, C, G, S, gr_at, 0.0, CG, BY_GROUP, FOLD_GBLK, FOLD_CGP, COMB_GBLK, COMB_CGP, KB,
+                       HAS_W, False)
 
 
 @triton.jit
@@ -476,9 +450,7 @@ class Plan(NamedTuple):
     apply_tiles: int
     apply_chunks: int
     num_warps: int
-    fold: int  # statistics programs' partials: 0 per channel, 1 folded into groups through a staging copy,
-    # 2 folded in registers (``_finish_statistics``)
-    unroll: int  # tiles a statistics program loads at once
+    by_group: bool  # statistics programs fold their tile's whole rows into groups
     fold_groups: int  # groups the fold handles a step
     group_lanes: int  # lanes a group takes in folds and per-channel combines: a power of two >= C/G
     combine_groups: int  # groups the combining program handles a step
@@ -490,11 +462,6 @@ class Plan(NamedTuple):
         per_channel = _round16(n * self.stats_chunks * 2 * c)
         per_group = _round16(n * self.stats_chunks * 2 * g) if self.by_group else 0
         return per_channel, per_channel + per_group
-
-    @property
-    def by_group(self) -> bool:
-        """Whether the partials a sample's last program combines are per group (else per channel)."""
-        return self.fold != 0
 
 
 def _round16(n: int) -> int:
@@ -514,13 +481,13 @@ def plan_for(n: int, c: int, s: int, num_groups: int, channels_major: bool, tile
         (256, 8, True, 64)
     """
     return _cached_plan(n, c, s, num_groups, channels_major, tile, ELEMENTS_PER_THREAD, STATS_PROGRAMS,
-                        APPLY_PROGRAMS, STATS_UNROLL, MAX_CHUNKS, MAX_ROW, COMBINE_BLOCK)
+                        APPLY_PROGRAMS, MAX_CHUNKS, MAX_ROW, COMBINE_BLOCK)
 
 
 @functools.lru_cache(maxsize=4096)
 def _cached_plan(n: int, c: int, s: int, num_groups: int, channels_major: bool, tile: int,
-                 elements_per_thread: int, stats_programs: int, apply_programs: int, unroll: int,
-                 max_chunks: int, max_row: int, combine_block: int) -> Plan:
+                 elements_per_thread: int, stats_programs: int, apply_programs: int, max_chunks: int,
+                 max_row: int, combine_block: int) -> Plan:
     cg = c // num_groups
     if channels_major:
         cb = min(next_power_of_2(c), max_row)
@@ -536,15 +503,13 @@ def _cached_plan(n: int, c: int, s: int, num_groups: int, channels_major: bool, 
     stats_chunks = cdiv(position_tiles, stats_tiles)
     by_group = channels_major and channel_blocks == 1 and cg > 1
     group_lanes = next_power_of_2(cg)
-    fold = 0 if not by_group else 2 if cb == c and group_lanes == cg else 1
-    fold_groups = num_groups if fold == 2 else max(1, min(next_power_of_2(num_groups),
-                                                          combine_block // (2 * group_lanes)))
+    fold_groups = max(1, min(next_power_of_2(num_groups), combine_block // (2 * group_lanes)))
     combine_lanes = 1 if by_group else group_lanes
     combine_groups = max(1, min(next_power_of_2(num_groups), combine_block // combine_lanes))
     combine_rows = max(1, min(next_power_of_2(stats_chunks), combine_block // (combine_groups * combine_lanes)))
     return Plan(cb, sb, channel_blocks, channels_major, stats_tiles, stats_chunks, apply_tiles,
                 cdiv(position_tiles, apply_tiles), max(1, min(16, cb * sb // (32 * elements_per_thread))),
-                fold, unroll, fold_groups, group_lanes, combine_groups, combine_lanes, combine_rows)
+                by_group, fold_groups, group_lanes, combine_groups, combine_lanes, combine_rows)
 
 
 def _ncs_strides(t: torch.Tensor) -> Optional[tuple[int, int, int]]:
@@ -599,8 +564,8 @@ class _Step(NamedTuple):
 
 
 def _stats_meta(plan: Plan, cg: int) -> dict:
-    return dict(CG=cg, CB=plan.channels, SB=plan.positions, UNROLL=plan.unroll, FOLD=plan.fold,
-                FOLD_GBLK=plan.fold_groups, FOLD_CGP=plan.group_lanes, COMB_GBLK=plan.combine_groups, COMB_CGP=plan.combine_lanes,
+    return dict(CG=cg, CB=plan.channels, SB=plan.positions, BY_GROUP=plan.by_group, FOLD_GBLK=plan.fold_groups,
+                FOLD_CGP=plan.group_lanes, COMB_GBLK=plan.combine_groups, COMB_CGP=plan.combine_lanes,
                 KB=plan.combine_rows, num_warps=plan.num_warps)
 
 
