@@ -3,8 +3,9 @@ plus a timm ``resnet50_gn`` training step with and without Low Precision GroupNo
 
 Run: ``PYTHONPATH=. python benchmarks/group_norm.py --out OUTDIR`` (writes ``group_norm.md``,
 ``group_norm.json`` and ``group_norm.png`` there, rewritten as each part finishes). ``--dtypes``,
-``--impls``, ``--no-model``, ``--no-norms`` and ``--phases`` choose the parts; ``--settings
-NAME=INT,...`` overrides kernel settings and ``--sweep-setting NAME=V1,V2,...`` times each value of one. ``--run-case SHAPE:G:LAYOUT:DTYPE`` only runs one case's kernels, for a
+``--impls``, ``--no-model``, ``--no-norms``, ``--phases``, ``--sweep`` and ``--sweep-rows`` choose the
+parts; ``--settings NAME=INT,...`` overrides kernel settings and ``--sweep-setting NAME=V1,V2,...``
+times each value of one. ``--run-case SHAPE:G:LAYOUT:DTYPE`` only runs one case's kernels, for a
 profiler such as Nsight Compute (see :func:`run_case`).
 
 Each timed call (forward, or forward + backward through ``torch.autograd.grad``) is captured in a
@@ -46,6 +47,9 @@ TOLERANCE = {torch.bfloat16: 2e-2, torch.float32: 1e-4}
 EPS = 1e-5
 # do_bench budget per timing (ms): the replays are short, a few hundred fit.
 WARMUP_MS, REP_MS = 10, 50
+# Kernel settings the sweep tries (module constants of slipstream.ops.kernels.group_norm).
+SWEEP_THREADS_AND_COMBINE = list(itertools.product([32, 64], [0, 512, 10**9]))
+SWEEP_ROW_BYTES = [64, 256, 1 << 20]
 
 Norm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -203,50 +207,102 @@ def norm_tables(results: list[dict], copy_gbs: float) -> str:
     return "\n\n".join(text)
 
 
+def sweep_strategies() -> str:
+    """Time each pass under the fused barrier and as two passes; keep the best ``TWO_PASS_MAX_BYTES``.
+
+    Every benchmark shape, both layouts, bf16 and fp32, no activation, kernels alone. A pass re-reads
+    x (forward) or x and dy (backward); the threshold chosen is the one (of 0 and each pass's re-read
+    bytes) that gives the best geometric mean of forward + backward time over the cases.
+    """
+    from slipstream.ops.kernels import group_norm as kernels
+
+    forced = {"fused": 0, "two_pass": 1 << 62}
+    cases = []
+    for (shape, num_groups), dtype_name, layout in itertools.product(SHAPES, ["bf16", "fp32"], list(LAYOUTS)):
+        x, w, b, dy = (t.detach() for t in make_inputs(shape, DTYPES[dtype_name], layout))
+        times = {}
+        for strategy, threshold in forced.items():
+            kernels.TWO_PASS_MAX_BYTES = threshold
+            y, mean, rstd = kernels.forward(x, w, b, num_groups, EPS, False, x.dtype)
+            times[strategy] = (bench(lambda: kernels.forward(x, w, b, num_groups, EPS, False, x.dtype)),
+                               bench(lambda: kernels.backward(dy, x, w, b, mean, rstd, num_groups, False)))
+        nbytes = x.numel() * x.element_size()
+        cases.append(("x".join(map(str, shape)), num_groups, dtype_name, layout, nbytes, times))
+        print(cases[-1], flush=True)
+
+    def geomean_ms(threshold: int) -> float:
+        total = 0.0
+        for *_, nbytes, times in cases:
+            fwd = times["two_pass" if nbytes <= threshold else "fused"][0]
+            bwd = times["two_pass" if 2 * nbytes <= threshold else "fused"][1]
+            total += math.log(fwd + bwd)
+        return math.exp(total / len(cases))
+
+    candidates = sorted({0} | {m * c[4] for c in cases for m in (1, 2)})
+    best = min(candidates, key=geomean_ms)
+    kernels.TWO_PASS_MAX_BYTES = best
+    table = Table(["shape", "G", "dtype", "layout", "MiB", "fwd fused us", "fwd two-pass us", "bwd fused us",
+                   "bwd two-pass us"])
+    for shape, groups, dtype_name, layout, nbytes, times in cases:
+        table.add(shape, groups, dtype_name, layout, nbytes / 2**20, 1e3 * times["fused"][0],
+                  1e3 * times["two_pass"][0], 1e3 * times["fused"][1], 1e3 * times["two_pass"][1])
+    chosen = (f"Chosen: TWO_PASS_MAX_BYTES={best} ({best / 2**20:.1f} MiB; geometric mean of forward + backward "
+              f"{1e3 * geomean_ms(best):.1f} us, against {1e3 * geomean_ms(0):.1f} us always fused and "
+              f"{1e3 * geomean_ms(1 << 62):.1f} us always two passes), used for everything below.")
+    print(chosen, flush=True)
+    return f"### Fused barrier or two passes (kernels alone, no activation)\n\n{table.markdown()}\n\n{chosen}"
+
+
 PHASE_REPEATS = 20
-# Each launch's fewest bytes, in multiples of numel x element size: the statistics launches read x
-# (and dy); the apply launches read them again (from L2 where they stayed) and write y (dx).
-PHASE_BYTES = {"_forward_stats_kernel": 1, "_forward_apply_kernel": 2, "_backward_stats_kernel": 2,
-               "_backward_apply_kernel": 3}
 
 
 def phase_times(copy_gbs: float) -> str:
-    """GPU time of each launch of the kernels (torch.profiler), against copy bandwidth.
+    """GPU time of each pass of the three-pass kernels (torch.profiler), against copy bandwidth.
 
-    bf16, no activation. A launch's share of copy bandwidth counts its fewest bytes (``PHASE_BYTES``);
-    an apply launch that re-reads from L2 can exceed 100%.
+    Forcing three passes separates what a fused launch does in one: the statistics pass (read x, or
+    x and dy; reduce) and the apply pass (read again, normalize, write). Each pass's bandwidth is
+    its fewest bytes (stats: 1x forward, 2x backward; apply: 2x and 3x numel x element size) over
+    its time, as a fraction of the copy bandwidth measured in the same run. bf16, no activation.
     """
     from torch.profiler import ProfilerActivity, profile
 
     from slipstream.ops.kernels import group_norm as kernels
 
-    table = Table(["shape", "G", "layout"] + [f"{name.strip('_').removesuffix('_kernel')} us (/copy)"
-                                              for name in PHASE_BYTES])
-    for (shape, num_groups), layout in itertools.product(SHAPES, list(LAYOUTS)):
-        x, w, b, dy = (t.detach() for t in make_inputs(shape, torch.bfloat16, layout))
-        nbytes = x.numel() * x.element_size()
+    saved = kernels.TWO_PASS_MAX_BYTES, kernels.TWO_PASS_MAX_SET
+    table = Table(["shape", "G", "layout", "fwd stats us (/copy)",
+                   "fwd apply us (/copy)", "bwd stats us (/copy)", "bwd apply us (/copy)"])
+    kernels.TWO_PASS_MAX_BYTES, kernels.TWO_PASS_MAX_SET = 1 << 62, 0
+    try:
+        for (shape, num_groups), layout in itertools.product(SHAPES, list(LAYOUTS)):
+            x, w, b, dy = (t.detach() for t in make_inputs(shape, torch.bfloat16, layout))
+            nbytes = x.numel() * x.element_size()
 
-        def run():
-            y, mean, rstd = kernels.forward(x, w, b, num_groups, EPS, False, x.dtype)
-            kernels.backward(dy, x, w, b, mean, rstd, num_groups, False)
+            def run():
+                y, mean, rstd = kernels.forward(x, w, b, num_groups, EPS, False, x.dtype)
+                kernels.backward(dy, x, w, b, mean, rstd, num_groups, False)
 
-        run()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(PHASE_REPEATS):
-                run()
+            run()
             torch.cuda.synchronize()
-        times: dict[str, list[float]] = {}
-        for event in prof.events():
-            if event.device_type == torch.autograd.DeviceType.CUDA:
-                times.setdefault(event.name, []).append(event.device_time_total)
-        cells = []
-        for name, moved in PHASE_BYTES.items():
-            us = statistics.median(times[name]) if name in times else float("nan")
-            cells.append(f"{us:.1f} ({gbs(moved * nbytes, us / 1e3) / copy_gbs:.0%})")
-        table.add("x".join(map(str, shape)), num_groups, layout, *cells)
-        print(table.rows[-1], flush=True)
-    return f"### Each launch on its own (bf16, no activation)\n\n{table.markdown()}"
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(PHASE_REPEATS):
+                    run()
+                torch.cuda.synchronize()
+            times: dict[str, list[float]] = {}
+            for event in sorted(prof.events(), key=lambda e: e.time_range.start):  # launch order
+                if event.device_type == torch.autograd.DeviceType.CUDA:
+                    times.setdefault(event.name, []).append(event.device_time_total)
+            fwd, bwd = times.get("_forward_kernel", []), times.get("_backward_kernel", [])
+            if len(fwd) != 2 * PHASE_REPEATS or len(bwd) != 2 * PHASE_REPEATS:  # a set of one program
+                continue
+            row = [statistics.median(fwd[0::2]), statistics.median(fwd[1::2]),
+                   statistics.median(bwd[0::2]), statistics.median(bwd[1::2])]
+            moved = [1, 2, 2, 3]  # multiples of numel x element size
+            table.add("x".join(map(str, shape)), num_groups, layout,
+                      *[f"{us:.1f} ({gbs(m * nbytes, us / 1e3) / copy_gbs:.0%})" for us, m in zip(row, moved)])
+            print(table.rows[-1], flush=True)
+    finally:
+        kernels.TWO_PASS_MAX_BYTES, kernels.TWO_PASS_MAX_SET = saved
+    return f"### Each pass on its own (three passes forced, bf16, no activation)\n\n{table.markdown()}"
 
 
 def _kernel_times(shape, num_groups: int, layout: str) -> tuple[float, float]:
@@ -263,6 +319,36 @@ def _geomean_gbs(cases: list[tuple[tuple[int, ...], float, float]]) -> float:
     """Geometric mean of forward + backward effective GB/s over ``(shape, fwd ms, bwd ms)`` (bf16)."""
     rates = [gbs(5 * math.prod(shape) * 2, fwd + bwd) for shape, fwd, bwd in cases]
     return math.exp(sum(map(math.log, rates)) / len(rates))
+
+
+def sweep(copy_gbs: float) -> str:
+    """Time the kernels under each setting to sweep (bf16, no activation); keep the fastest settings.
+
+    Settings are chosen by the geometric mean of forward + backward bandwidth over the benchmark's
+    shapes: threads per program and when the last program of a set combines (all layouts); then
+    :func:`sweep_rows` chooses the shortest row run of a channels_last tile.
+    """
+    from slipstream.ops.kernels import group_norm as kernels
+
+    table = Table(["ELEMENTS_PER_THREAD", "LAST_COMBINE_MIN_PARTIALS", "fwd+bwd GB/s (geomean)", "/ copy"])
+    best = None
+    for threads, combine in SWEEP_THREADS_AND_COMBINE:
+        kernels.ELEMENTS_PER_THREAD, kernels.LAST_COMBINE_MIN_PARTIALS = threads, combine
+        rate = _geomean_gbs([(shape, *_kernel_times(shape, groups, layout))
+                             for (shape, groups), layout in itertools.product(SHAPES, LAYOUTS)])
+        table.add(threads, combine, rate, rate / copy_gbs)
+        print(table.rows[-1], flush=True)
+        best = max(best or (rate, threads, combine), (rate, threads, combine))
+    kernels.ELEMENTS_PER_THREAD, kernels.LAST_COMBINE_MIN_PARTIALS = best[1], best[2]
+    chosen = f"Chosen: ELEMENTS_PER_THREAD={best[1]}, LAST_COMBINE_MIN_PARTIALS={best[2]} (used for everything below)."
+    print(chosen, flush=True)
+    return (f"### Kernel settings sweep (bf16, no activation, kernels alone)\n\n{table.markdown()}\n\n{chosen}\n\n"
+            + sweep_rows(copy_gbs))
+
+
+def sweep_rows(copy_gbs: float) -> str:
+    """:func:`sweep_setting` of the shortest row run of a channels_last tile, on channels_last inputs."""
+    return sweep_setting(copy_gbs, "MIN_RUN_BYTES", SWEEP_ROW_BYTES, ["channels_last"])
 
 
 def sweep_setting(copy_gbs: float, name: str, values: list[int], layouts: list[str]) -> str:
@@ -413,7 +499,7 @@ def parse_case(text: str) -> tuple[tuple[int, ...], int, str, str]:
 def run_case(case: tuple[tuple[int, ...], int, str, str], repeats: int = 3) -> None:
     """Run one case's forward and backward kernels ``repeats`` times, plainly (no CUDA graph, no
     timing): a target for Nsight Compute, e.g.
-    ``ncu --clock-control none --kernel-name regex:_stats_kernel|_apply_kernel --launch-skip 4
+    ``ncu --clock-control none --kernel-name regex:_forward_kernel|_backward_kernel --launch-skip 2
     python benchmarks/group_norm.py --run-case 16x256x64x64:32:channels_last:bf16``."""
     from slipstream.ops.kernels import group_norm as kernels
 
@@ -429,8 +515,7 @@ def _integer_settings() -> list[str]:
     """Names of the kernel module's integer settings (its upper-case int constants)."""
     from slipstream.ops.kernels import group_norm as kernels
 
-    return sorted(name for name, value in vars(kernels).items()
-                  if name.isupper() and not name.startswith("_") and type(value) is int)
+    return sorted(name for name, value in vars(kernels).items() if name.isupper() and type(value) is int)
 
 
 def apply_settings(text: str) -> None:
@@ -452,12 +537,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--impls", default=",".join(IMPLS), help="comma list of " + ",".join(IMPLS))
     parser.add_argument("--no-norms", action="store_true", help="skip the norm tables")
     parser.add_argument("--no-model", action="store_true", help="skip the resnet50_gn step")
+    parser.add_argument("--sweep", action="store_true",
+                        help="sweep the kernel strategy and settings first and use the best")
+    parser.add_argument("--sweep-rows", action="store_true",
+                        help="sweep only the shortest row run of channels_last tiles first and use the best")
     parser.add_argument("--sweep-setting", type=_setting_values, action="append", default=[],
                         metavar="NAME=V1,V2,...",
                         help="time the kernels (both layouts) under each value of a kernel setting first and "
                              "use the best; may repeat")
     parser.add_argument("--phases", action="store_true",
-                        help="time each launch of the kernels on its own (a profile), after any sweep")
+                        help="time each pass of the kernels on its own (a profile, three passes forced), "
+                             "after any sweep")
     parser.add_argument("--settings", default="",
                         help="comma list of NAME=INT kernel settings (module constants of "
                              "slipstream.ops.kernels.group_norm) to use instead of the defaults")
@@ -494,6 +584,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         tables = [norm_tables(results, copy_gbs)] if results else []
         write_section(out_md, "GroupNorm", environment_line(command_line()), "\n\n".join(body + tables))
 
+    if args.sweep:
+        body.append(sweep_strategies())
+        write()
+        body.append(sweep(copy_gbs))
+        write()
+    elif args.sweep_rows:
+        body.append(sweep_rows(copy_gbs))
+        write()
     for name, values in args.sweep_setting:
         body.append(sweep_setting(copy_gbs, name, values, list(LAYOUTS)))
         write()

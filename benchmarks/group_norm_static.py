@@ -4,15 +4,17 @@ Device time is scarce, and some questions about a kernel variant need no GPU: ho
 a thread needs (which bounds how many programs an SM holds), whether it spills, and how many
 instructions it issues per element. For each case the launchers of
 :mod:`slipstream.ops.kernels.group_norm` run on CPU tensors with every launch recorded instead of
-made (the arguments, constexprs and warps the GPU would get), and each recorded launch is compiled by Triton for sm_90 with the ``nvdisasm`` and
+made (the arguments, constexprs and warps the GPU would get; the fused strategy as on a 132-SM
+H200), and each recorded launch is compiled by Triton for sm_90 with the ``nvdisasm`` and
 ``cuobjdump`` that Triton ships. These are static counts: they show what a change does to the
-code, not how fast it runs (the SASS of a loop counts once: per tile, not per chunk).
+code, not how fast it runs (the SASS of a loop counts once; the GroupNorm kernels have none in
+their per-element work).
 
 Run (repo root, no GPU needed)::
 
     PYTHONPATH=. python benchmarks/group_norm_static.py
     PYTHONPATH=. python benchmarks/group_norm_static.py --cases 16x256x64x64:32:channels_last:bf16 \\
-        --settings TILE=4096
+        --settings MIN_RUN_BYTES=256
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import torch
 from benchmarks import group_norm as bench
 from benchmarks.common import Table
 
+# Streaming multiprocessors of the H200 (the fused barrier's set limit).
+SMS = 132
 _POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32"}
 
 
@@ -59,18 +63,29 @@ def record_launches(x: torch.Tensor, num_groups: int) -> list[Launch]:
 
     launches: list[Launch] = []
 
-    def record_keyed(kernel, grid, key, args, meta):
-        launches.append(Launch(kernel, grid, args, meta))
+    def recorder(traceable: bool):
+        def wrap(kernel):
+            class _Grid:
+                def __getitem__(self, grid):
+                    return lambda *args, **meta: launches.append(Launch(kernel, grid, args, meta))
 
-    saved = kernels.launch_keyed
-    kernels.launch_keyed = record_keyed
+            return _Grid()
+
+        return wrap
+
+    def record_keyed(kernel, grid, key, args, meta):
+        recorder(False)(kernel)[grid](*args, **meta)
+
+    saved = kernels.launcher, kernels.launch_keyed, kernels.interpreting, kernels._max_fused_set
+    kernels.launcher, kernels.launch_keyed = recorder, record_keyed
+    kernels.interpreting, kernels._max_fused_set = lambda: False, lambda index: SMS
     try:
         w = torch.ones(x.shape[1], dtype=x.dtype)
         b = torch.zeros(x.shape[1], dtype=x.dtype)
         y, mean, rstd = kernels.forward(x, w, b, num_groups, bench.EPS, False, x.dtype)
         kernels.backward(torch.empty_like(x), x, w, b, mean, rstd, num_groups, False)
     finally:
-        kernels.launch_keyed = saved
+        kernels.launcher, kernels.launch_keyed, kernels.interpreting, kernels._max_fused_set = saved
     return launches
 
 
@@ -133,12 +148,15 @@ def static_cost(launch: Launch) -> StaticCost:
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
     spill = int(re.search(r"LOCAL:(\d+)", usage).group(1))
     instructions = len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, flags=re.M))
-    tile = meta["CB"] * meta["SB"] if {"CB", "SB"} <= meta.keys() else None
+    tile = None
+    if {"GB", "CB", "SB", "CW", "CL"} <= meta.keys():
+        tile = meta["SB"] * meta["CW"] if meta["CL"] else meta["GB"] * meta["CB"] * meta["SB"]
     return StaticCost(registers, spill, instructions, tile / (32 * num_warps) if tile else None)
 
 
 def _pass_name(launch: Launch) -> str:
-    return launch.kernel.__name__.strip("_").removesuffix("_kernel")
+    flags = [flag for flag in ("STATS", "APPLY", "WAIT", "COMBINE") if launch.meta.get(flag)]
+    return f"{launch.kernel.__name__.strip('_')} {'+'.join(flags)}".strip()
 
 
 def static_table(cases: Sequence[tuple[tuple[int, ...], int, str, str]]) -> Table:

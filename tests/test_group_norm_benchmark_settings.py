@@ -17,39 +17,39 @@ from slipstream.ops.kernels import group_norm as kernels  # noqa: E402
 
 @pytest.fixture
 def restore_settings(monkeypatch):
-    for name in ("TILE", "STATS_PROGRAMS", "MAX_CHUNKS"):
+    for name in ("FORWARD_TILE", "BACKWARD_TILE", "MIN_RUN_BYTES"):
         monkeypatch.setattr(kernels, name, getattr(kernels, name))
 
 
 def test_settings_set_integer_kernel_constants(restore_settings):
-    bench.apply_settings("TILE=4096,MAX_CHUNKS=64")
-    assert (kernels.TILE, kernels.MAX_CHUNKS) == (4096, 64)
+    bench.apply_settings("FORWARD_TILE=2048,MIN_RUN_BYTES=128")
+    assert (kernels.FORWARD_TILE, kernels.MIN_RUN_BYTES) == (2048, 128)
 
 
-@pytest.mark.parametrize("text", ["interpreting=1", "TILE=big", "NO_SUCH_SETTING=3"])
+@pytest.mark.parametrize("text", ["interpreting=1", "FORWARD_TILE=big", "NO_SUCH_SETTING=3"])
 def test_settings_reject_unknown_names_and_non_integers(restore_settings, text):
-    with pytest.raises(SystemExit, match="TILE"):  # the message lists the allowed names
+    with pytest.raises(SystemExit, match="FORWARD_TILE"):  # the message lists the allowed names
         bench.apply_settings(text)
 
 
 def test_sweep_setting_values_parse():
-    assert bench._setting_values("STATS_PROGRAMS=512,1024") == ("STATS_PROGRAMS", [512, 1024])
+    assert bench._setting_values("BACKWARD_TILE=2048,4096") == ("BACKWARD_TILE", [2048, 4096])
     with pytest.raises(argparse.ArgumentTypeError, match="NAME=INT"):
-        bench._setting_values("STATS_PROGRAMS=1k")
+        bench._setting_values("BACKWARD_TILE=2k")
 
 
 def test_sweep_setting_keeps_the_value_with_the_best_geometric_mean(restore_settings, monkeypatch):
     # forward 10 us, backward 20 us at 4096 for every case; 2048 halves the backward of one case only,
     # 8192 doubles every forward: 2048 has the best geometric mean.
     def fake_times(shape, groups, layout):
-        slow = kernels.TILE == 8192
-        fast = kernels.TILE == 2048 and shape == bench.SHAPES[0][0] and layout == "contiguous"
+        slow = kernels.FORWARD_TILE == 8192
+        fast = kernels.FORWARD_TILE == 2048 and shape == bench.SHAPES[0][0] and layout == "contiguous"
         return (0.02 if slow else 0.01), (0.01 if fast else 0.02)
 
     monkeypatch.setattr(bench, "_kernel_times", fake_times)
-    text = bench.sweep_setting(4000.0, "TILE", [4096, 2048, 8192], list(bench.LAYOUTS))
-    assert kernels.TILE == 2048
-    assert "Chosen: TILE=2048" in text
+    text = bench.sweep_setting(4000.0, "FORWARD_TILE", [4096, 2048, 8192], list(bench.LAYOUTS))
+    assert kernels.FORWARD_TILE == 2048
+    assert "Chosen: FORWARD_TILE=2048" in text
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 2 * len(bench.SHAPES) + 1  # header, every shape in both layouts, geomean
     assert "10.0 / 10.0" in rows[1] and "20.0 / 20.0" in rows[1]  # 2048's and 8192's cells of case one
@@ -68,5 +68,5 @@ def test_run_case_rejects_malformed_cases(text):
 
 
 def test_sweep_setting_of_an_unknown_name_fails_before_any_work():
-    with pytest.raises(SystemExit, match="--sweep-setting: NO_SUCH .*TILE"):
+    with pytest.raises(SystemExit, match="--sweep-setting: NO_SUCH .*FORWARD_TILE"):
         bench.main(["--sweep-setting", "NO_SUCH=1,2"])

@@ -21,9 +21,8 @@ TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 def test_records_the_launches_a_gpu_would_get():
     x = torch.empty(2, 64, 64, 64, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     launches = static.record_launches(x, 8)
-    assert [launch.kernel.__name__ for launch in launches] == [
-        "_forward_stats_kernel", "_forward_apply_kernel", "_backward_stats_kernel", "_backward_apply_kernel"]
-    assert all(launch.meta["UX"] == 0 for launch in launches)  # tiles read along the channels
+    assert [launch.kernel.__name__ for launch in launches] == ["_forward_kernel", "_backward_kernel"]
+    assert all(launch.meta["CL"] and launch.meta["WAIT"] for launch in launches)  # fused, as on an H200
 
 
 @pytest.mark.skipif(not all(os.path.exists(os.path.join(TOOLS, t)) for t in ("nvdisasm", "cuobjdump")),
@@ -37,7 +36,7 @@ def test_compiles_each_launch_for_sm90_and_counts_what_it_needs():
                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=True).stdout
     cell = r" \| (\d+)"
     rows = re.findall(r"^\| 2x24x5x7 \| 3 \| (\w+) \| (\w+) \| (.+?)" + 4 * cell + r" \| ([\d.]+) \|$", out, flags=re.M)
-    assert len(rows) == 8  # statistics and apply, forward and backward, of each case (odd sizes: masked tiles)
+    assert len(rows) == 4  # forward and backward of each case (odd sizes: masked tiles, one program a set)
     for layout, dtype, launch, warps, registers, spill, instructions, per_element in rows:
         assert 16 <= int(registers) <= 255 and int(spill) >= 0
         assert int(instructions) > 100 and float(per_element) > 0

@@ -113,9 +113,11 @@ def check_kernels_at_tile(x, groups, tile):
     check_against_float64(x, groups, weight, bias, True, run)
 
 
-# Tiles far smaller than a group: inputs cut into many tiles along channels and positions, with
-# ragged last tiles; several groups a tile where groups are small; channel widths that are not a
-# power of two; one group.
+# Tiles far smaller than a group: sets of many programs, cut along channels and positions, with
+# ragged last chunks; several groups per tile where groups are small; channels_last with several
+# group blocks, channel chunks and position chunks at once; channels_last rows of whole groups of a
+# width that is not a power of two, the last group block only partly filled; a ragged channel chunk;
+# rows of several whole groups without a channel mask.
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "shape,groups,channels_last,tile",
@@ -123,87 +125,74 @@ def check_kernels_at_tile(x, groups, tile):
      ((2, 128, 1, 5), 2, True, 16), ((2, 35, 4, 3), 7, True, 64), ((2, 20, 3, 5), 1, True, 8),
      ((2, 32, 4, 4), 8, True, 32)],
 )
-def test_many_tiles(device, shape, groups, channels_last, tile):
-    _kernels(device)
+def test_sets_of_many_programs(device, shape, groups, channels_last, tile):
+    if not use_triton(torch.empty(0, device=device)):
+        pytest.skip("kernels run on CUDA or under TRITON_INTERPRET=1")
     check_kernels_at_tile(make_input(shape, torch.float32, channels_last, device), groups, tile)
 
 
-def _kernels(device):
+# channels_last tiles that read whole rows (every group of a sample side by side, as the GPU's
+# MIN_RUN_BYTES sweep may choose): widths that are not a power of two, ragged position chunks.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,groups,tile", [((2, 20, 3, 5), 4, 64), ((1, 48, 5, 3), 6, 128), ((2, 24, 1, 7), 3, 32)])
+def test_channels_last_whole_rows(monkeypatch, device, shape, groups, tile):
     if not use_triton(torch.empty(0, device=device)):
         pytest.skip("kernels run on CUDA or under TRITON_INTERPRET=1")
     from slipstream.ops.kernels import group_norm as kernels
 
+    monkeypatch.setattr(kernels, "MIN_RUN_BYTES", 1 << 20)
+    x = make_input(shape, torch.float32, True, device)
+    plan = kernels._plan(x, kernels._ncs_strides(x), groups, tile, 0)
+    assert plan.n_gblocks == 1 and plan.shape.channels >= shape[1] // groups  # a tile spans whole rows
+    assert plan.per_set > 1
+    check_kernels_at_tile(x, groups, tile)
+
+
+def _force_strategy(monkeypatch, device, strategy):
+    """The kernel module with its settings made to choose ``strategy`` for small multi-program sets."""
+    if not use_triton(torch.empty(0, device=device)):
+        pytest.skip("kernels run on CUDA or under TRITON_INTERPRET=1")
+    from slipstream.ops._backend import interpreting
+    from slipstream.ops.kernels import group_norm as kernels
+
+    if strategy == "fused" and interpreting():
+        pytest.skip("the interpreter runs programs one at a time: no barrier")
+    monkeypatch.setattr(kernels, "TWO_PASS_MAX_BYTES", 0 if strategy == "fused" else 1 << 62)
+    monkeypatch.setattr(kernels, "TWO_PASS_MAX_SET", 1 if strategy == "three_pass" else 256)
     return kernels
 
 
-def _plan_of(kernels, x, groups, tile):
-    return kernels._input_plan(x, kernels._ncs_strides(x), groups, tile)
-
-
-# How the statistics programs leave their partials: channels_last tiles of whole rows fold them into
-# groups (widths that are and are not a power of two, one group, one channel a group); rows wider than
-# MAX_ROW are cut into channel blocks whose partials stay per channel; NCHW tiles keep them per channel.
+# The same small sets through each multi-program strategy: two passes (each apply program combines
+# its set's partials) and three passes (a combine launch between them). The GPU's fused barrier runs
+# where sets fit the SMs, so "fused" is only checked there.
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(
-    "shape,groups,channels_last,max_row,by_group",
-    [((2, 20, 3, 5), 4, True, 8192, True), ((1, 48, 5, 3), 6, True, 8192, True), ((2, 24, 1, 7), 3, True, 8192, True),
-     ((2, 10, 3, 3), 1, True, 8192, True), ((2, 8, 3, 3), 8, True, 8192, False), ((2, 24, 3, 5), 3, True, 8, False),
-     ((2, 24, 3, 5), 6, False, 8192, False)],
-)
-def test_partials_by_group_and_by_channel(monkeypatch, device, shape, groups, channels_last, max_row, by_group):
-    kernels = _kernels(device)
-    monkeypatch.setattr(kernels, "MAX_ROW", max_row)
-    x = make_input(shape, torch.float32, channels_last, device)
-    plan = _plan_of(kernels, x, groups, 8)
-    assert (plan.by_group, plan.channels_major) == (by_group, channels_last)
-    assert plan.stats_chunks > 1  # the sample's last program combines several chunks
-    check_kernels_at_tile(x, groups, 8)
-
-
-# Statistics and apply programs that loop over several tiles (few programs asked for), with a ragged
-# last chunk; and a combine that reads a sample's partials in several blocks of groups and of chunks.
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("strategy", ["fused", "two_pass", "three_pass"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_looping_programs_and_blocked_combine(monkeypatch, device, channels_last):
-    kernels = _kernels(device)
-    monkeypatch.setattr(kernels, "STATS_PROGRAMS", 100)
-    monkeypatch.setattr(kernels, "APPLY_PROGRAMS", 100)
-    monkeypatch.setattr(kernels, "MAX_CHUNKS", 3)
-    monkeypatch.setattr(kernels, "COMBINE_BLOCK", 4)
-    x = make_input((2, 12, 9, 9), torch.bfloat16, channels_last, device)
-    plan = _plan_of(kernels, x, 3, 8)
-    assert plan.stats_tiles > 1 and plan.apply_tiles > 1 and plan.stats_chunks > 1
-    assert plan.combine_rows < plan.stats_chunks or plan.combine_groups < 3
-    check_kernels_at_tile(x, 3, 8)
+def test_each_multi_program_strategy(monkeypatch, device, strategy, channels_last):
+    kernels = _force_strategy(monkeypatch, device, strategy)
+    shape, groups, tile = (2, 12, 5, 7), 3, 16
+    x = make_input(shape, torch.bfloat16, channels_last, device)
+    plan = kernels._plan(x, kernels._ncs_strides(x), groups, tile, x.numel() * x.element_size())
+    assert plan.strategy == strategy and plan.per_set > 1
+    check_kernels_at_tile(x, groups, tile)
 
 
-# Each partial-sum regime with a large mean and a small spread: E[x^2] - E[x]^2 would lose it.
+# Launches reuse one scratch buffer and one set of barrier words per stream. A call after a larger
+# one (which grew them), a larger one after it (which grows them again) and a repeat must each give
+# what a first call gives, and each fused launch must zero the words the next one will count in.
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("channels_last,max_row", [(False, 8192), (True, 8192), (True, 4)])
-def test_large_mean_in_every_regime(monkeypatch, device, channels_last, max_row):
-    kernels = _kernels(device)
-    monkeypatch.setattr(kernels, "MAX_ROW", max_row)
-    x = make_input((2, 8, 6, 6), torch.float32, channels_last, device, scale=0.1, shift=300.0)
-    y, _, _ = kernels.forward(x, None, None, 2, 1e-5, False, x.dtype, tile=8)
-    ref_y, _ = float64_reference(x, 2, None, None, 1e-5, False, torch.randn_like(x))
-    assert rel_err(y.cpu(), ref_y) < 2e-3  # the fp32 mean itself is rounded by ~300 * 2**-24 / 0.1
-
-
-# Launches reuse one scratch buffer and one set of counters per stream. A call after a larger one
-# (which grew them), a larger one after it (which grows them again) and a repeat must each give what
-# a first call gives, and each statistics launch must zero the counters the next one will count in.
-@pytest.mark.parametrize("device", DEVICES)
-def test_calls_reusing_scratch_and_counters(device):
+@pytest.mark.parametrize("strategy", ["fused", "two_pass", "three_pass"])
+def test_calls_reusing_scratch_and_barrier_words(monkeypatch, device, strategy):
     from slipstream.ops.kernels.scratch import barrier_words
 
-    _kernels(device)
+    _force_strategy(monkeypatch, device, strategy)
     inputs = [make_input(shape, torch.float32, True, device) for shape in ((2, 12, 4, 5), (1, 6, 3, 5), (3, 12, 4, 5))]
     for x in inputs + inputs[:1]:
         check_kernels_at_tile(x, 3, 16)
     if device == "cuda":
         torch.cuda.synchronize()
-    # Take the next launch's turn: its counters must be zero, and it must clear the half after it.
-    next_launch_words, words_after = barrier_words(inputs[0].device, 3)
+    # Take the next launch's turn: its words must be zero, and it must clear the half after it.
+    next_launch_words, words_after = barrier_words(inputs[0].device, 1)
     assert not next_launch_words.any()
     words_after.zero_()
 

@@ -61,7 +61,7 @@ MAX_ROW = 8192
 COMBINE_BLOCK = 4096
 
 # What a tensor's strides give the kernels: which of its (channel, position) strides is 1.
-_UNIT_CHANNELS, _UNIT_POSITIONS, _UNIT_NONE = 0, 1, 2
+UNIT_CHANNELS, UNIT_POSITIONS, UNIT_NONE = 0, 1, 2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -540,10 +540,10 @@ def _unit(strides: tuple[int, int, int], channels_major: bool) -> int:
     """Which of a tensor's (channel, position) strides the kernels may take as the literal 1."""
     _, sc, ss = strides
     if sc == 1 and (channels_major or ss != 1):
-        return _UNIT_CHANNELS
+        return UNIT_CHANNELS
     if ss == 1:
-        return _UNIT_POSITIONS
-    return _UNIT_CHANNELS if sc == 1 else _UNIT_NONE
+        return UNIT_POSITIONS
+    return UNIT_CHANNELS if sc == 1 else UNIT_NONE
 
 
 def _input_plan(x: torch.Tensor, strides: tuple[int, int, int], num_groups: int, tile: Optional[int]) -> Plan:
