@@ -91,6 +91,18 @@ def _tiny_transformer_config() -> dict:
     return dict(vocab_size=256, bos_token_id=0, eos_token_id=0, pad_token_id=0)
 
 
+def _with_loss_type(model: nn.Module, loss_type: str) -> nn.Module:
+    """``model`` with its loss named on the model itself.
+
+    transformers reads ``model.loss_type`` (set from the class name, ``None`` for ``GPT2LMHeadModel``)
+    and, when it is unknown, logs a warning inside forward: a torch.compile graph break in the first
+    model compiled in a process (the warning is logged once), which made the ``compile`` baseline
+    two graphs before session 10. The config's ``loss_type`` alone does not prevent it.
+    """
+    model.config.loss_type = model.loss_type = loss_type
+    return model
+
+
 def build_gpt2(quick: bool) -> nn.Module:
     """GPT-2 small (124M) from its default config; ``quick``: 2 layers of width 64."""
     _quiet_transformers()
@@ -100,8 +112,7 @@ def build_gpt2(quick: bool) -> nn.Module:
         config = GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64, **_tiny_transformer_config())
     else:
         config = GPT2Config()
-    config.loss_type = "ForCausalLM"  # named, else transformers warns inside forward: a torch.compile graph break
-    return GPT2LMHeadModel(config)
+    return _with_loss_type(GPT2LMHeadModel(config), "ForCausalLM")
 
 
 def gpt2_batches(quick: bool, generator: torch.Generator, count: int) -> list[Batch]:
@@ -123,8 +134,7 @@ def build_bert(quick: bool) -> nn.Module:
         )
     else:
         config = BertConfig()
-    config.loss_type = "ForMaskedLM"  # named, else transformers warns inside forward: a torch.compile graph break
-    return BertForMaskedLM(config)
+    return _with_loss_type(BertForMaskedLM(config), "ForMaskedLM")
 
 
 BERT_MASK_TOKEN = 103  # [MASK] in BERT's vocabulary

@@ -123,3 +123,18 @@ def test_profile_breakdown_sorts_kernels_by_kind():
     assert busy == pytest.approx(1.2)  # (300 + 900) us a step; the CPU op is not counted again
     assert "| slipstream | 0.30 | 1 |" in table and "| matmul/conv | 0.90 | 1 |" in table
     assert table.splitlines()[-1] == "| wall time of a step (profiled, synchronized) | 2.00 | |"
+
+
+@pytest.mark.parametrize("build", ["build_gpt2", "build_bert"])
+def test_transformer_models_name_their_loss(build, monkeypatch):
+    # An unknown loss type makes transformers log a warning inside forward: a torch.compile graph
+    # break, even when the logger's level hides the message.
+    from transformers import modeling_utils
+
+    from benchmarks import end_to_end_models
+
+    warnings = []
+    monkeypatch.setattr(modeling_utils.logger, "warning_once", lambda *args, **kwargs: warnings.append(args))
+    model = getattr(end_to_end_models, build)(True)
+    assert callable(model.loss_function)
+    assert warnings == []
