@@ -10,7 +10,9 @@ compiled step (forward, backward; GPT-2 also fused AdamW) of the same model with
 * ``seeded_device_state``: the same with the stream's state tensor on the GPU, so the compiled graph
   computes the seeds there (no CPU kernel, no host-to-device copies);
 * ``seeded_int``: the same kernel keyed by a constant Python int (no seed arithmetic, no copy): the
-  least any separate dropout kernel can cost.
+  least any separate dropout kernel can cost;
+* ``seeded_fused``: SeededDropout with ``slipstream.config.compiled_dropout = "inductor"``: no kernel
+  of ours, the mask as hashed PyTorch ops that Inductor fuses and recomputes in backward.
 
 A ``_static`` suffix compiles that variant with ``torch._inductor.config.static_launch_user_defined_triton_kernels``
 (Inductor's C++ launcher for user kernels instead of Triton's Python one, off by default in torch 2.11).
@@ -33,12 +35,13 @@ from typing import Callable
 import torch
 from torch import nn
 
+from benchmarks.common import slipstream_settings
 from slipstream.nn import SeededDropout
 from slipstream.nn.seed_stream import SeedStream, stream_seed_of_state
 from slipstream.ops._triton_op import register_triton_op
 from slipstream.ops.dropout import _scale, keep_threshold
 
-VARIANTS = ("native", "none", "seeded", "seeded_device_state", "seeded_int")
+VARIANTS = ("native", "none", "seeded", "seeded_device_state", "seeded_int", "seeded_fused")
 P = 0.1
 
 
@@ -98,7 +101,7 @@ def dropout_for(variant: str, p: float, index: int, device: torch.device) -> nn.
     module = SeededDropout(p, seed=index)
     if variant == "seeded_device_state":
         module._seeds = DeviceStateStream(index, device)
-    elif variant != "seeded":
+    elif variant not in ("seeded", "seeded_fused"):
         raise ValueError(f"variant must be one of {VARIANTS} (optionally + '_static'), got {variant!r}")
     return module
 
@@ -156,6 +159,17 @@ def gpt2_step(variant: str, device: torch.device) -> Callable[[], None]:
     return step
 
 
+def _with_dropout_path(variant: str, step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` run with the ``slipstream.config.compiled_dropout`` of ``variant`` (compiled code guards on it)."""
+    path = "inductor" if variant.startswith("seeded_fused") else "kernel"
+
+    def run() -> None:
+        with slipstream_settings(compiled_dropout=path):
+            step()
+
+    return run
+
+
 def _timed_ms(step: Callable[[], None], steps: int) -> float:
     step()
     torch.cuda.synchronize()
@@ -183,7 +197,7 @@ def main(argv=None) -> dict:
     steps = {}
     for variant in args.variants.split(","):
         inductor_config.static_launch_user_defined_triton_kernels = variant.endswith("_static")
-        steps[variant] = build(variant.removesuffix("_static"), device)
+        steps[variant] = _with_dropout_path(variant, build(variant.removesuffix("_static"), device))
         for _ in range(3):  # compiles here, with the launcher setting of this variant
             steps[variant]()
     inductor_config.static_launch_user_defined_triton_kernels = False

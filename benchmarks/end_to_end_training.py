@@ -130,6 +130,7 @@ class Config:
     # slipstream.config.compiled_layer_norm / compiled_group_norm during its steps; None: as set
     compiled_layer_norm: Optional[str] = None
     compiled_group_norm: Optional[str] = None
+    compiled_dropout: Optional[str] = None  # slipstream.config.compiled_dropout during its steps; None: as set
 
 
 class LossModule(nn.Module):
@@ -257,7 +258,8 @@ class Trainee:
         batch = self.batches[self.steps_done % len(self.batches)]
         with slipstream_settings(eager_launch=self.config.eager_launch,
                                  compiled_layer_norm=self.config.compiled_layer_norm,
-                                 compiled_group_norm=self.config.compiled_group_norm):
+                                 compiled_group_norm=self.config.compiled_group_norm,
+                                 compiled_dropout=self.config.compiled_dropout):
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 loss = self.module(batch)
             loss.backward()

@@ -27,6 +27,18 @@ compiled_layer_norm = "inductor"
 #: session 3), and Inductor's own GroupNorm made compile 1.9x faster than eager there.
 compiled_group_norm = "inductor"
 
+#: What ``torch.compile`` traces for :func:`slipstream.ops.seeded_dropout` (SeededDropout) and
+#: :func:`slipstream.ops.seeded_dropout_rows`. ``"kernel"`` (default): slipstream's ``triton_op`` s,
+#: whose Philox kernel Inductor launches as it is, so a seed gives the masks it gives in eager mode,
+#: bit for bit; each call is a kernel of its own forward and backward, and Inductor's fused kernels
+#: split around it. On the H100 machine, whose GPT-2 steps are host-bound, that made GPT-2 small with
+#: SeededDropout + compile 0.70x compile alone, with the same GPU time (docs/benchmarks.md, H100
+#: session 10). ``"inductor"``: the mask as a counter hash of (seed, element) in PyTorch ops, which
+#: Inductor fuses into its kernels and recomputes in backward, saving only the seed
+#: (:mod:`slipstream.ops.hashed_dropout`); same drop probability and scale, another random stream,
+#: so compiled masks differ from eager ones. Not yet timed on a GPU.
+compiled_dropout = "kernel"
+
 #: How eager mode launches slipstream's Triton kernels. ``"cached"`` (default): through
 #: :class:`slipstream.ops.kernels.cached_launch.CachedLauncher`, which lets Triton bind and
 #: specialize the arguments once per argument signature and then calls the compiled kernel's

@@ -20,13 +20,16 @@ Philox call keep the kernel memory-bound in bf16; the price is that the drop pro
 The decision is made in integers, so the Triton kernel and the PyTorch fallback (the ``*_reference``
 functions, used on CPU and by the tests) give the same mask for the same seed.
 
-Under ``torch.compile`` both are ``triton_op`` s (``slipstream::seeded_dropout`` and
-``slipstream::seeded_dropout_rows``) whose backward is the same op on the gradient: the compiler
+Under ``torch.compile``, by default (:data:`slipstream.config.compiled_dropout` ``= "kernel"``),
+both are ``triton_op`` s (``slipstream::seeded_dropout`` and ``slipstream::seeded_dropout_rows``)
+whose backward is the same op on the gradient: the compiler
 traces their bodies (allocation and one ``wrap_triton`` launch, see :mod:`slipstream.ops._triton_op`)
 and launches the kernel from its own code. Traced code cannot read a seed tensor's value on the
 host, so the compiled whole-tensor op hands the kernel its seed in device memory (an 8-byte copy
 when the seed is on the CPU); eager mode passes it as a kernel argument. Compiled CPU code under
-Triton's interpreter runs the fallback (interpreted kernels cannot be traced).
+Triton's interpreter runs the fallback (interpreted kernels cannot be traced). With the setting
+``"inductor"`` they trace as PyTorch ops that Inductor fuses into its own kernels, with a hashed
+random stream instead of Philox (:mod:`slipstream.ops.hashed_dropout`).
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from slipstream import config
 from slipstream.ops._backend import use_triton
 from slipstream.ops._triton_op import body_uses_triton, register_triton_op
+from slipstream.ops.hashed_dropout import hashed_dropout
 from slipstream.ops.philox import philox, split_u64
 
 __all__ = [
@@ -222,8 +227,14 @@ def _dispatch(
     op: torch.library.CustomOpDef, body, x: Tensor, p: float, key: Union[int, Tensor],
     on_backward: Optional[Callable[[], None]] = None,
 ) -> Tensor:
-    if torch.compiler.is_compiling():  # traced: the triton_op, so the graph has no breaks
-        return op(x, p, _seed_tensor(key))
+    if torch.compiler.is_compiling():
+        path = config.compiled_dropout
+        if path == "inductor":  # PyTorch ops Inductor fuses, in another random stream
+            seeds = _on_device(_seed_tensor(key), x.device)
+            return hashed_dropout(x.contiguous() if seeds.dim() == 0 else x, seeds, keep_threshold(p), _scale(p))
+        if path != "kernel":
+            raise ValueError(f"slipstream.config.compiled_dropout must be 'kernel' or 'inductor', got {path!r}")
+        return op(x, p, _seed_tensor(key))  # traced: the triton_op, so the graph has no breaks
     return _EagerDropout.apply(x, p, key, body, on_backward)  # an int seed stays an int: no tensor per call
 
 

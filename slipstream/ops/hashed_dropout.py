@@ -1,0 +1,94 @@
+"""Seeded dropout in PyTorch ops that Inductor fuses: the compiled path ``slipstream.config.compiled_dropout = "inductor"``.
+
+The default compiled path launches the Philox kernel of :mod:`slipstream.ops.dropout` as a kernel of
+its own, forward and backward, and Inductor splits its fused kernels around it; on host-bound steps
+that made GPT-2 small + SeededDropout 0.70x the speed of torch.compile alone (docs/benchmarks.md,
+session 10). This path instead writes the mask as PyTorch ops, which Inductor generates inside the
+neighbouring kernels, as it does for its own dropout.
+
+The stream: element ``c`` of a row keyed by ``seed`` is kept when the top 16 bits of
+``mix(mix(lo32(c) ^ lo32(seed)) ^ hi32(c) ^ hi32(seed))`` reach :func:`keep_threshold(p)
+<slipstream.ops.dropout.keep_threshold>`, where ``mix`` is a 32-bit integer finalizer
+(xor-shift, multiply, xor-shift, multiply, xor-shift). It is a different stream from the Philox
+kernel's: the same seed gives other masks than eager mode. Drop probability and scale are the
+kernel's (``p`` rounded to a multiple of ``2**-16``, kept values times ``1 / (1 - p)``). Why a hash
+and not Philox in tensor ops: Philox's 32 x 32-bit products do not fit int64 and must be split, and
+each element would compute its whole group's Philox call; the finalizer's multipliers are below
+``2**31``, so every product stays below ``2**63`` and is exact in int64 on every backend.
+
+Memory: autograd would save the boolean mask (one byte an element). The mask is computed inside a
+non-reentrant :func:`torch.utils.checkpoint.checkpoint`, whose only input is the seed, so the
+compiler's partitioner recomputes it in backward and saves just the seed, as eager SeededDropout
+does. In eager mode this path would keep the mask: the dispatcher uses it only when compiling.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["hashed_keep_mask", "hashed_numbers", "hashed_dropout"]
+
+_MASK32 = 0xFFFFFFFF
+# Multipliers of a 32-bit finalizer from Chris Wellons' hash-prospector search; both below 2**31.
+_MIX_1, _MIX_2 = 0x21F0AAAD, 0x735A2D97
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A bijection of 32-bit words (held in int64) that spreads every input bit over the output."""
+    x = x ^ (x >> 16)
+    x = (x * _MIX_1) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _MIX_2) & _MASK32
+    return x ^ (x >> 15)
+
+
+def hashed_keep_mask(seeds: Tensor, threshold: int, n_cols: int) -> Tensor:
+    """Boolean keep mask, shape ``(rows, n_cols)``, of the hashed stream for rows keyed by ``seeds``.
+
+    ``seeds``: int64, one per row (a 0-d tensor is one row); ``threshold``: a 16-bit number must
+    reach it to keep its element (:func:`~slipstream.ops.dropout.keep_threshold`). The result is on
+    ``seeds``' device.
+
+    Example:
+        >>> mask = hashed_keep_mask(torch.tensor([3, 4]), threshold=32768, n_cols=6)
+        >>> mask.shape, mask.dtype
+        (torch.Size([2, 6]), torch.bool)
+        >>> torch.equal(mask, hashed_keep_mask(torch.tensor([3, 4]), 32768, 6))
+        True
+    """
+    if not isinstance(seeds, Tensor) or seeds.dtype != torch.int64:
+        raise TypeError(f"seeds must be an int64 tensor, got {type(seeds).__name__}")
+    return hashed_numbers(seeds.reshape(-1, 1), torch.arange(n_cols, device=seeds.device)) >= threshold
+
+
+def hashed_numbers(seeds: Tensor, cols: Tensor) -> Tensor:
+    """The 16-bit number of each column index in ``cols`` (int64, >= 0) in the row keyed by ``seeds`` (broadcast).
+
+    Example:
+        >>> hashed_numbers(torch.tensor([[1], [2]]), torch.arange(3)).shape
+        torch.Size([2, 3])
+    """
+    inner = _mix32((cols & _MASK32) ^ (seeds & _MASK32))
+    return _mix32(inner ^ (cols >> 32) ^ ((seeds >> 32) & _MASK32)) >> 16
+
+
+def hashed_dropout(x: Tensor, seeds: Tensor, threshold: int, scale: float) -> Tensor:
+    """``where(keep, x * scale, 0)`` with the hashed mask; ``seeds`` on ``x``'s device.
+
+    One 0-d seed numbers ``x``'s elements in row-major order (one row); a 1-D ``seeds`` keys each
+    row of a 2-D ``x`` and numbers its columns. Arguments are the checked ones of
+    :func:`slipstream.ops.seeded_dropout` / :func:`~slipstream.ops.seeded_dropout_rows`.
+
+    Example:
+        >>> x = torch.randn(4, 8)
+        >>> y = hashed_dropout(x, torch.tensor(7), threshold=32768, scale=2.0)
+        >>> bool(((y == 0) | (y == 2 * x)).all())
+        True
+    """
+    one_row = seeds.dim() == 0
+    n_cols = x.numel() if one_row else x.shape[1]
+    keep = checkpoint(hashed_keep_mask, seeds, threshold, n_cols, use_reentrant=False, preserve_rng_state=False)
+    keep = keep.view(x.shape) if one_row else keep
+    return torch.where(keep, x * scale, torch.zeros((), dtype=x.dtype, device=x.device))
