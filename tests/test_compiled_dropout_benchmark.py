@@ -1,4 +1,4 @@
-"""benchmarks/compiled_dropout.py on the CPU: its variants build, and its device-state stream draws the shipped seeds."""
+"""benchmarks/compiled_dropout.py on the CPU: its variants build; its device-state stream draws the shipped seeds."""
 
 import pytest
 import torch

@@ -9,12 +9,14 @@ import torch
 from torch import nn
 
 from slipstream.nn import SeededDropout
+from slipstream.nn.seed_stream import stream_seed
 from slipstream.ops import seeded_dropout, seeded_dropout_rows
 from slipstream.ops.dropout import keep_threshold
 from slipstream.ops.hashed_dropout import hashed_dropout, hashed_keep_mask, hashed_numbers
 
 M32 = 0xFFFFFFFF
 needs_cxx = pytest.mark.skipif(shutil.which("g++") is None, reason="Inductor's CPU backend needs a C++ compiler")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def python_mix32(x):
@@ -170,3 +172,19 @@ def test_unknown_compiled_dropout_path_is_an_error(monkeypatch):
     compiled = torch.compile(lambda t: seeded_dropout(t, 0.5, 3), backend="aot_eager", fullgraph=True)
     with pytest.raises(Exception, match="compiled_dropout must be 'kernel' or 'inductor', got 'fast'"):
         compiled(torch.randn(4, 4))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inductor_on_the_gpu_fuses_the_same_stream(inductor_dropout, dtype):
+    """Inductor's generated Triton code computes the stream the eager PyTorch ops compute."""
+    torch._dynamo.reset()
+    drop = SeededDropout(0.25, seed=random_seed()).cuda()
+    calls = drop.run_state()
+    x = torch.randn(4, 129, 65, device="cuda", dtype=dtype)
+    y, dy, dx = compiled_values_and_grad(drop, x, "inductor")
+    seed = stream_seed(calls["key"], calls["calls"])
+    keep = hashed_keep_mask(torch.tensor(seed, device="cuda"), keep_threshold(0.25), x.numel())[0].view(x.shape)
+    assert torch.equal(y == 0, ~keep) and torch.equal(dx == 0, ~keep)
+    rtol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    assert torch.allclose(y.float(), torch.where(keep, x.float() / 0.75, 0.0), rtol=rtol)

@@ -278,8 +278,10 @@ def seeded_dropout(
 
     Kept elements are scaled by ``1 / (1 - p)``; ``p=0`` returns a copy of ``x``, ``p=1`` zeros. The
     same seed gives the same mask on every call and every device; backward regenerates it, so
-    nothing but the seed is saved. ``seed`` is an int in the int64 range or a one-element int64
-    tensor (a CUDA seed tensor is read back to the host, a synchronization). The result is
+    nothing but the seed is saved. (Compiled with ``slipstream.config.compiled_dropout =
+    "inductor"``, the mask comes from another stream, :mod:`slipstream.ops.hashed_dropout`.)
+    ``seed`` is an int in the int64 range or a one-element int64 tensor (a CUDA seed tensor is read
+    back to the host, a synchronization). The result is
     contiguous; a non-contiguous ``x`` is copied once. ``on_backward`` (eager mode) is called with
     no arguments when backward reaches the result, before the gradient is computed (SeededDropout's
     seed stream uses it to tell recomputation from a new step, without a tensor hook per call).
@@ -303,7 +305,9 @@ def seeded_dropout_rows(x: Tensor, p: float, seeds: Tensor) -> Tensor:
 
     Columns are numbered within each row, so rows with equal seeds get equal masks and a row's mask
     does not depend on the other rows. Any strides work (no copy); the result has ``x``'s layout
-    when ``x`` is dense, and the values of the contiguous case always.
+    when ``x`` is dense, and the values of the contiguous case always. Compiled with
+    ``slipstream.config.compiled_dropout = "inductor"``, the masks come from another stream
+    (:mod:`slipstream.ops.hashed_dropout`).
 
     Example:
         >>> x = torch.randn(3, 10)

@@ -1,4 +1,4 @@
-"""Seeded dropout in PyTorch ops that Inductor fuses: the compiled path ``slipstream.config.compiled_dropout = "inductor"``.
+"""Seeded dropout in PyTorch ops that Inductor fuses: the compiled path ``compiled_dropout = "inductor"``.
 
 The default compiled path launches the Philox kernel of :mod:`slipstream.ops.dropout` as a kernel of
 its own, forward and backward, and Inductor splits its fused kernels around it; on host-bound steps
