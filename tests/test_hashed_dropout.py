@@ -86,6 +86,13 @@ def test_p_zero_keeps_everything_and_p_one_drops_everything():
     assert not hashed_dropout(x, torch.tensor(random_seed()), keep_threshold(1.0), 0.0).any()
 
 
+def test_a_cpu_seed_is_a_scalar_for_a_mask_on_another_device():
+    # The compiled path keeps SeedStream's CPU seed where it is (no copy); "meta" stands in for a GPU.
+    x = torch.empty(3, 5, device="meta")
+    assert hashed_dropout(x, torch.tensor(random_seed()), keep_threshold(0.5), 2.0).device == x.device
+    assert hashed_keep_mask(torch.tensor(7), 100, 9, device="meta").shape == (1, 9)
+
+
 def test_mask_needs_an_int64_tensor():
     with pytest.raises(TypeError, match="seeds must be an int64 tensor"):
         hashed_keep_mask(torch.tensor([1.0]), 100, 4)

@@ -24,6 +24,8 @@ does. In eager mode this path would keep the mask: the dispatcher uses it only w
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
@@ -44,23 +46,28 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 15)
 
 
-def hashed_keep_mask(seeds: Tensor, threshold: int, n_cols: int) -> Tensor:
+def hashed_keep_mask(seeds: Tensor, threshold: int, n_cols: int, device: Optional[torch.device] = None) -> Tensor:
     """Boolean keep mask, shape ``(rows, n_cols)``, of the hashed stream for rows keyed by ``seeds``.
 
     ``seeds``: int64, one per row (a 0-d tensor is one row); ``threshold``: a 16-bit number must
-    reach it to keep its element (:func:`~slipstream.ops.dropout.keep_threshold`). The result is on
-    ``seeds``' device.
+    reach it to keep its element (:func:`~slipstream.ops.dropout.keep_threshold`). The mask is made
+    on ``device`` (default: ``seeds``' device). A 0-d seed may stay on the CPU for a GPU mask: it
+    enters as a scalar, and compiled code passes it to Inductor's kernel as an argument, with no
+    host-to-device copy.
 
     Example:
         >>> mask = hashed_keep_mask(torch.tensor([3, 4]), threshold=32768, n_cols=6)
         >>> mask.shape, mask.dtype
         (torch.Size([2, 6]), torch.bool)
-        >>> torch.equal(mask, hashed_keep_mask(torch.tensor([3, 4]), 32768, 6))
+        >>> torch.equal(mask[1], hashed_keep_mask(torch.tensor(4), 32768, 6)[0])
         True
     """
     if not isinstance(seeds, Tensor) or seeds.dtype != torch.int64:
         raise TypeError(f"seeds must be an int64 tensor, got {type(seeds).__name__}")
-    return hashed_numbers(seeds.reshape(-1, 1), torch.arange(n_cols, device=seeds.device)) >= threshold
+    cols = torch.arange(n_cols, device=seeds.device if device is None else device)
+    if seeds.dim() == 0:  # stays 0-d: a scalar wherever it lives
+        return (hashed_numbers(seeds, cols) >= threshold).unsqueeze(0)
+    return hashed_numbers(seeds.reshape(-1, 1), cols) >= threshold
 
 
 def hashed_numbers(seeds: Tensor, cols: Tensor) -> Tensor:
@@ -75,10 +82,10 @@ def hashed_numbers(seeds: Tensor, cols: Tensor) -> Tensor:
 
 
 def hashed_dropout(x: Tensor, seeds: Tensor, threshold: int, scale: float) -> Tensor:
-    """``where(keep, x * scale, 0)`` with the hashed mask; ``seeds`` on ``x``'s device.
+    """``where(keep, x * scale, 0)`` with the hashed mask.
 
-    One 0-d seed numbers ``x``'s elements in row-major order (one row); a 1-D ``seeds`` keys each
-    row of a 2-D ``x`` and numbers its columns. Arguments are the checked ones of
+    One 0-d seed (on any device) numbers ``x``'s elements in row-major order (one row); a 1-D
+    ``seeds`` on ``x``'s device keys each row of a 2-D ``x`` and numbers its columns. Arguments are the checked ones of
     :func:`slipstream.ops.seeded_dropout` / :func:`~slipstream.ops.seeded_dropout_rows`.
 
     Example:
@@ -89,6 +96,7 @@ def hashed_dropout(x: Tensor, seeds: Tensor, threshold: int, scale: float) -> Te
     """
     one_row = seeds.dim() == 0
     n_cols = x.numel() if one_row else x.shape[1]
-    keep = checkpoint(hashed_keep_mask, seeds, threshold, n_cols, use_reentrant=False, preserve_rng_state=False)
+    keep = checkpoint(hashed_keep_mask, seeds, threshold, n_cols, x.device, use_reentrant=False,
+                      preserve_rng_state=False)
     keep = keep.view(x.shape) if one_row else keep
     return torch.where(keep, x * scale, torch.zeros((), dtype=x.dtype, device=x.device))
