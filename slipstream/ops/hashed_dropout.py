@@ -6,10 +6,13 @@ that made GPT-2 small + SeededDropout 0.70x the speed of torch.compile alone (do
 session 10). This path instead writes the mask as PyTorch ops, which Inductor generates inside the
 neighbouring kernels, as it does for its own dropout.
 
-The stream: element ``c`` of a row keyed by ``seed`` is kept when the top 16 bits of
-``mix(mix(lo32(c) ^ lo32(seed)) ^ hi32(c) ^ hi32(seed))`` reach :func:`keep_threshold(p)
+The stream: a seed ``s`` gives two 32-bit keys, ``a = mix(lo32(s) ^ mix(hi32(s) ^ K1))`` and
+``b = mix(a ^ hi32(s) ^ K2)``; element ``c`` of a row keyed by ``s`` is kept when the top 16 bits of
+``mix(mix(lo32(c) ^ a) ^ hi32(c) ^ b)`` reach :func:`keep_threshold(p)
 <slipstream.ops.dropout.keep_threshold>`, where ``mix`` is a 32-bit integer finalizer
-(xor-shift, multiply, xor-shift, multiply, xor-shift). It is a different stream from the Philox
+(xor-shift, multiply, xor-shift, multiply, xor-shift) and ``K1``, ``K2`` are constants. Every bit
+of the seed reaches both keys: with the seed's halves XORed into the counter directly, seeds that
+differ in their low bits gave the same mask with its columns permuted. It is a different stream from the Philox
 kernel's: the same seed gives other masks than eager mode. Drop probability and scale are the
 kernel's (``p`` rounded to a multiple of ``2**-16``, kept values times ``1 / (1 - p)``). Why a hash
 and not Philox in tensor ops: Philox's 32 x 32-bit products do not fit int64 and must be split, and
@@ -35,6 +38,7 @@ __all__ = ["hashed_keep_mask", "hashed_numbers", "hashed_dropout"]
 _MASK32 = 0xFFFFFFFF
 # Multipliers of a 32-bit finalizer from Chris Wellons' hash-prospector search; both below 2**31.
 _MIX_1, _MIX_2 = 0x21F0AAAD, 0x735A2D97
+_KEY_1, _KEY_2 = 0x9E3779B9, 0x85EBCA6B  # arbitrary odd constants (golden ratio; a murmur3 multiplier)
 
 
 def _mix32(x: Tensor) -> Tensor:
@@ -63,7 +67,8 @@ def hashed_keep_mask(seeds: Tensor, threshold: int, n_cols: int, device: Optiona
         True
     """
     if not isinstance(seeds, Tensor) or seeds.dtype != torch.int64:
-        raise TypeError(f"seeds must be an int64 tensor, got {type(seeds).__name__}")
+        got = f"a {seeds.dtype} tensor" if isinstance(seeds, Tensor) else type(seeds).__name__
+        raise TypeError(f"seeds must be an int64 tensor, got {got}")
     cols = torch.arange(n_cols, device=seeds.device if device is None else device)
     if seeds.dim() == 0:  # stays 0-d: a scalar wherever it lives
         return (hashed_numbers(seeds, cols) >= threshold).unsqueeze(0)
@@ -77,8 +82,11 @@ def hashed_numbers(seeds: Tensor, cols: Tensor) -> Tensor:
         >>> hashed_numbers(torch.tensor([[1], [2]]), torch.arange(3)).shape
         torch.Size([2, 3])
     """
-    inner = _mix32((cols & _MASK32) ^ (seeds & _MASK32))
-    return _mix32(inner ^ (cols >> 32) ^ ((seeds >> 32) & _MASK32)) >> 16
+    # The keys are per seed (a scalar, or one per row), so their cost does not grow with the columns.
+    seed_lo, seed_hi = seeds & _MASK32, (seeds >> 32) & _MASK32
+    key_a = _mix32(seed_lo ^ _mix32(seed_hi ^ _KEY_1))
+    key_b = _mix32(key_a ^ seed_hi ^ _KEY_2)
+    return _mix32(_mix32((cols & _MASK32) ^ key_a) ^ (cols >> 32) ^ key_b) >> 16
 
 
 def hashed_dropout(x: Tensor, seeds: Tensor, threshold: int, scale: float) -> Tensor:
