@@ -12,8 +12,8 @@ The stream: a seed ``s`` gives two 32-bit keys, ``a = mix(lo32(s) ^ mix(hi32(s) 
 <slipstream.ops.dropout.keep_threshold>`, where ``mix`` is a 32-bit integer finalizer
 (xor-shift, multiply, xor-shift, multiply, xor-shift) and ``K1``, ``K2`` are constants. Every bit
 of the seed reaches both keys: with the seed's halves XORed into the counter directly, seeds that
-differ in their low bits gave the same mask with its columns permuted. It is a different stream from the Philox
-kernel's: the same seed gives other masks than eager mode. Drop probability and scale are the
+differ in their low bits gave the same mask with its columns permuted. It is a different stream
+from the Philox kernel's: the same seed gives other masks than eager mode. Drop probability and scale are the
 kernel's (``p`` rounded to a multiple of ``2**-16``, kept values times ``1 / (1 - p)``). Why a hash
 and not Philox in tensor ops: Philox's 32 x 32-bit products do not fit int64 and must be split, and
 each element would compute its whole group's Philox call; the finalizer's multipliers are below
@@ -93,8 +93,8 @@ def hashed_dropout(x: Tensor, seeds: Tensor, threshold: int, scale: float) -> Te
     """``where(keep, x * scale, 0)`` with the hashed mask.
 
     One 0-d seed (on any device) numbers ``x``'s elements in row-major order (one row); a 1-D
-    ``seeds`` on ``x``'s device keys each row of a 2-D ``x`` and numbers its columns. Arguments are the checked ones of
-    :func:`slipstream.ops.seeded_dropout` / :func:`~slipstream.ops.seeded_dropout_rows`.
+    ``seeds`` on ``x``'s device keys each row of a 2-D ``x`` and numbers its columns. Arguments are
+    the checked ones of :func:`slipstream.ops.seeded_dropout` / :func:`~slipstream.ops.seeded_dropout_rows`.
 
     Example:
         >>> x = torch.randn(4, 8)
