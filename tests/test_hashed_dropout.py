@@ -155,7 +155,8 @@ def test_compiled_rows_key_each_row_on_any_strides(inductor_dropout):
 
 
 def test_compiled_path_saves_the_seed_not_a_mask(inductor_dropout):
-    """What AOT autograd's partitioner keeps for backward: no bool mask, only a few integers."""
+    """What AOT autograd's partitioner keeps for backward: no bool mask, only a few integers. Two
+    dropouts of one size: the compiler shares their column indices, which must not be saved."""
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
@@ -171,8 +172,9 @@ def test_compiled_path_saves_the_seed_not_a_mask(inductor_dropout):
                                      bw_compiler=lambda g, i: g, partition_fn=min_cut_rematerialization_partition)
 
     lin = nn.Linear(64, 64)
-    drop = SeededDropout(0.2, seed=5)
-    model = torch.compile(lambda t: lin(drop(torch.relu(lin(t)))).sum(), backend=backend, fullgraph=True)
+    drop, drop_again = SeededDropout(0.2, seed=5), SeededDropout(0.1, seed=6)
+    model = torch.compile(lambda t: lin(drop_again(lin(drop(torch.relu(lin(t)))))).sum(), backend=backend,
+                          fullgraph=True)
     x = torch.randn(32, 64, requires_grad=True)
     model(x).backward()
     assert not [t for t in saved if t.dtype == torch.bool]

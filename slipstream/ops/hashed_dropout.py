@@ -20,9 +20,9 @@ each element would compute its whole group's Philox call; the finalizer's multip
 ``2**31``, so every product stays below ``2**63`` and is exact in int64 on every backend.
 
 Memory: autograd would save the boolean mask (one byte an element). The mask is computed inside a
-non-reentrant :func:`torch.utils.checkpoint.checkpoint`, whose only input is the seed, so the
-compiler's partitioner recomputes it in backward and saves just the seed, as eager SeededDropout
-does. In eager mode this path would keep the mask: the dispatcher uses it only when compiling.
+non-reentrant :func:`torch.utils.checkpoint.checkpoint` whose inputs are the seed and the column
+indices, made outside it, so the compiler's partitioner recomputes the mask in backward and saves
+just the seed, as eager SeededDropout does. In eager mode this path would keep the mask: the dispatcher uses it only when compiling.
 """
 
 from __future__ import annotations
@@ -82,11 +82,20 @@ def hashed_numbers(seeds: Tensor, cols: Tensor) -> Tensor:
         >>> hashed_numbers(torch.tensor([[1], [2]]), torch.arange(3)).shape
         torch.Size([2, 3])
     """
+    return _numbers_of_column_halves(seeds, cols & _MASK32, cols >> 32)
+
+
+def _numbers_of_column_halves(seeds: Tensor, cols_lo: Tensor, cols_hi: Tensor) -> Tensor:
     # The keys are per seed (a scalar, or one per row), so their cost does not grow with the columns.
     seed_lo, seed_hi = seeds & _MASK32, (seeds >> 32) & _MASK32
     key_a = _mix32(seed_lo ^ _mix32(seed_hi ^ _KEY_1))
     key_b = _mix32(key_a ^ seed_hi ^ _KEY_2)
-    return _mix32(_mix32((cols & _MASK32) ^ key_a) ^ (cols >> 32) ^ key_b) >> 16
+    return _mix32(_mix32(cols_lo ^ key_a) ^ cols_hi ^ key_b) >> 16
+
+
+def _keep_of_column_halves(seeds: Tensor, cols_lo: Tensor, cols_hi: Tensor, threshold: int) -> Tensor:
+    rows_seeds = seeds if seeds.dim() == 0 else seeds.reshape(-1, 1)
+    return _numbers_of_column_halves(rows_seeds, cols_lo, cols_hi) >= threshold
 
 
 def hashed_dropout(x: Tensor, seeds: Tensor, threshold: int, scale: float) -> Tensor:
@@ -103,8 +112,11 @@ def hashed_dropout(x: Tensor, seeds: Tensor, threshold: int, scale: float) -> Te
         True
     """
     one_row = seeds.dim() == 0
-    n_cols = x.numel() if one_row else x.shape[1]
-    keep = checkpoint(hashed_keep_mask, seeds, threshold, n_cols, x.device, use_reentrant=False,
+    cols = torch.arange(x.numel() if one_row else x.shape[1], device=x.device)
+    # The column indices are made outside the checkpoint: the compiler shares them between dropouts of
+    # one size, and a tensor one checkpointed region makes and another uses is saved for backward
+    # (8 bytes an element). Outside any region they are free to recompute.
+    keep = checkpoint(_keep_of_column_halves, seeds, cols & _MASK32, cols >> 32, threshold, use_reentrant=False,
                       preserve_rng_state=False)
     keep = keep.view(x.shape) if one_row else keep
     return torch.where(keep, x * scale, torch.zeros((), dtype=x.dtype, device=x.device))
