@@ -36,7 +36,8 @@ compiled_group_norm = "inductor"
 #: session 10). ``"inductor"``: the mask as a counter hash of (seed, element) in PyTorch ops, which
 #: Inductor fuses into its kernels and recomputes in backward, saving only the seed
 #: (:mod:`slipstream.ops.hashed_dropout`); same drop probability and scale, another random stream,
-#: so compiled masks differ from eager ones. Not yet timed on a GPU.
+#: so compiled masks differ from eager ones. GPT-2 small on the H100: faster than ``"kernel"`` in two
+#: runs, within noise of compile alone (docs/benchmarks.md, H100 session 11).
 compiled_dropout = "kernel"
 
 #: How eager mode launches slipstream's Triton kernels. ``"cached"`` (default): through
