@@ -22,7 +22,8 @@ each element would compute its whole group's Philox call; the finalizer's multip
 Memory: autograd would save the boolean mask (one byte an element). The mask is computed inside a
 non-reentrant :func:`torch.utils.checkpoint.checkpoint` whose inputs are the seed and the column
 indices, made outside it, so the compiler's partitioner recomputes the mask in backward and saves
-just the seed, as eager SeededDropout does. In eager mode this path would keep the mask: the dispatcher uses it only when compiling.
+just the seed, as eager SeededDropout does. In eager mode this path would keep the mask: the
+dispatcher uses it only when compiling.
 """
 
 from __future__ import annotations
@@ -70,9 +71,8 @@ def hashed_keep_mask(seeds: Tensor, threshold: int, n_cols: int, device: Optiona
         got = f"a {seeds.dtype} tensor" if isinstance(seeds, Tensor) else type(seeds).__name__
         raise TypeError(f"seeds must be an int64 tensor, got {got}")
     cols = torch.arange(n_cols, device=seeds.device if device is None else device)
-    if seeds.dim() == 0:  # stays 0-d: a scalar wherever it lives
-        return (hashed_numbers(seeds, cols) >= threshold).unsqueeze(0)
-    return hashed_numbers(seeds.reshape(-1, 1), cols) >= threshold
+    keep = _keep_of_column_halves(seeds, *_column_halves(cols), threshold)
+    return keep.unsqueeze(0) if seeds.dim() == 0 else keep
 
 
 def hashed_numbers(seeds: Tensor, cols: Tensor) -> Tensor:
@@ -82,7 +82,11 @@ def hashed_numbers(seeds: Tensor, cols: Tensor) -> Tensor:
         >>> hashed_numbers(torch.tensor([[1], [2]]), torch.arange(3)).shape
         torch.Size([2, 3])
     """
-    return _numbers_of_column_halves(seeds, cols & _MASK32, cols >> 32)
+    return _numbers_of_column_halves(seeds, *_column_halves(cols))
+
+
+def _column_halves(cols: Tensor) -> tuple[Tensor, Tensor]:
+    return cols & _MASK32, cols >> 32
 
 
 def _numbers_of_column_halves(seeds: Tensor, cols_lo: Tensor, cols_hi: Tensor) -> Tensor:
@@ -94,7 +98,7 @@ def _numbers_of_column_halves(seeds: Tensor, cols_lo: Tensor, cols_hi: Tensor) -
 
 
 def _keep_of_column_halves(seeds: Tensor, cols_lo: Tensor, cols_hi: Tensor, threshold: int) -> Tensor:
-    rows_seeds = seeds if seeds.dim() == 0 else seeds.reshape(-1, 1)
+    rows_seeds = seeds if seeds.dim() == 0 else seeds.reshape(-1, 1)  # a 0-d seed stays a scalar wherever it lives
     return _numbers_of_column_halves(rows_seeds, cols_lo, cols_hi) >= threshold
 
 
@@ -116,7 +120,7 @@ def hashed_dropout(x: Tensor, seeds: Tensor, threshold: int, scale: float) -> Te
     # The column indices are made outside the checkpoint: the compiler shares them between dropouts of
     # one size, and a tensor one checkpointed region makes and another uses is saved for backward
     # (8 bytes an element). Outside any region they are free to recompute.
-    keep = checkpoint(_keep_of_column_halves, seeds, cols & _MASK32, cols >> 32, threshold, use_reentrant=False,
+    keep = checkpoint(_keep_of_column_halves, seeds, *_column_halves(cols), threshold, use_reentrant=False,
                       preserve_rng_state=False)
     keep = keep.view(x.shape) if one_row else keep
     return torch.where(keep, x * scale, torch.zeros((), dtype=x.dtype, device=x.device))
