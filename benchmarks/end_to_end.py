@@ -13,9 +13,9 @@ trains these configurations, each built fresh from the same seed:
 * on request, ``all+compile-kernel-norms``: ``all+compile`` with ``slipstream.config.compiled_layer_norm``
   and ``compiled_group_norm`` set to ``"kernel"`` (slipstream's norm kernels in the compiled graph)
   instead of their default ``"inductor"`` (the norms traced as PyTorch math that Inductor fuses);
-* on request, ``all+compile-fused-dropout``: ``all+compile`` with ``slipstream.config.compiled_dropout
-  = "inductor"`` (SeededDropout's mask as hashed PyTorch ops that Inductor fuses and recomputes in
-  backward) instead of its default ``"kernel"`` (the Philox kernel launched on its own).
+* on request, ``all+compile-kernel-dropout``: ``all+compile`` with ``slipstream.config.compiled_dropout
+  = "kernel"`` (the Philox kernel launched on its own) instead of its default ``"inductor"``
+  (SeededDropout's mask as hashed PyTorch ops that Inductor fuses and recomputes in backward).
 
 Configurations are interleaved: each round runs every configuration once (a few untimed steps, then
 ``--steps`` timed ones); step time is the median over rounds of each round's median, with the min-max
@@ -52,7 +52,7 @@ from benchmarks.end_to_end_training import (
 )
 
 CONFIG_KINDS = ("eager", "compile", "methods", "all", "all+compile", "all-triton-launch", "all+compile-kernel-norms",
-                "all+compile-fused-dropout")
+                "all+compile-kernel-dropout")
 DEFAULT_CONFIG_KINDS = CONFIG_KINDS[:5]  # the last ones run on request
 
 
@@ -125,8 +125,8 @@ def _configs(kinds: Sequence[str], applicable: list[str]) -> list[Config]:
         if "all+compile-kernel-norms" in kinds:
             configs.append(Config("all+compile, kernel norms", tuple(applicable), True,
                                   compiled_layer_norm="kernel", compiled_group_norm="kernel"))
-        if "all+compile-fused-dropout" in kinds:
-            configs.append(Config("all+compile, fused dropout", tuple(applicable), True, compiled_dropout="inductor"))
+        if "all+compile-kernel-dropout" in kinds:
+            configs.append(Config("all+compile, kernel dropout", tuple(applicable), True, compiled_dropout="kernel"))
     return configs
 
 

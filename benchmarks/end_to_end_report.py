@@ -100,8 +100,8 @@ def _target_lines(result: dict) -> list[str]:
 
     ratio_line("all methods vs eager", "eager", "all", TARGET_ALL_VS_EAGER.get(result["model"], 1.0))
     ratio_line("all methods + torch.compile vs torch.compile", "compile", "all+compile", 1.0)
-    ratio_line("all methods + torch.compile, fused dropout, vs torch.compile", "compile",
-               "all+compile, fused dropout", 1.0)
+    ratio_line("all methods + torch.compile, kernel dropout, vs torch.compile", "compile",
+               "all+compile, kernel dropout", 1.0)
     low_memory = configs.get("low_memory_dropout") or (
         configs.get("all") if "low_memory_dropout" in result["applicable"] else None
     )

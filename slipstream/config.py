@@ -28,17 +28,16 @@ compiled_layer_norm = "inductor"
 compiled_group_norm = "inductor"
 
 #: What ``torch.compile`` traces for :func:`slipstream.ops.seeded_dropout` (SeededDropout) and
-#: :func:`slipstream.ops.seeded_dropout_rows`. ``"kernel"`` (default): slipstream's ``triton_op`` s,
-#: whose Philox kernel Inductor launches as it is, so a seed gives the masks it gives in eager mode,
-#: bit for bit; each call is a kernel of its own forward and backward, and Inductor's fused kernels
-#: split around it. On the H100 machine, whose GPT-2 steps are host-bound, that made GPT-2 small with
-#: SeededDropout + compile 0.70x compile alone, with the same GPU time (docs/benchmarks.md, H100
-#: session 10). ``"inductor"``: the mask as a counter hash of (seed, element) in PyTorch ops, which
-#: Inductor fuses into its kernels and recomputes in backward, saving only the seed
-#: (:mod:`slipstream.ops.hashed_dropout`); same drop probability and scale, another random stream,
-#: so compiled masks differ from eager ones. GPT-2 small on the H100: faster than ``"kernel"`` in two
-#: runs, within noise of compile alone (docs/benchmarks.md, H100 session 11).
-compiled_dropout = "kernel"
+#: :func:`slipstream.ops.seeded_dropout_rows`. ``"inductor"`` (default): the mask as a counter hash of
+#: (seed, element) in PyTorch ops, which Inductor fuses into its kernels and recomputes in backward,
+#: saving only the seed (:mod:`slipstream.ops.hashed_dropout`); same drop probability and scale as
+#: eager mode, another random stream, so compiled masks differ from eager ones. ``"kernel"``:
+#: slipstream's ``triton_op`` s, whose Philox kernel Inductor launches as it is, so a seed gives the
+#: masks it gives in eager mode, bit for bit; each call is a kernel of its own forward and backward,
+#: and Inductor's fused kernels split around it. GPT-2 small + compile on the H100: ``"inductor"`` was
+#: faster than ``"kernel"`` in three of three runs with the same peak memory, and within noise of
+#: compile alone (docs/benchmarks.md, H100 sessions 11 and 12).
+compiled_dropout = "inductor"
 
 #: How eager mode launches slipstream's Triton kernels. ``"cached"`` (default): through
 #: :class:`slipstream.ops.kernels.cached_launch.CachedLauncher`, which lets Triton bind and

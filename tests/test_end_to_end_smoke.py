@@ -140,10 +140,10 @@ def test_transformer_models_name_their_loss(build, monkeypatch):
     assert warnings == []
 
 
-def test_fused_dropout_configuration_compiles_with_the_inductor_dropout_path():
+def test_kernel_dropout_configuration_compiles_with_the_kernel_dropout_path():
     benchmark = _load_benchmark()
-    configs = benchmark._configs(["compile", "all+compile-fused-dropout"], ["low_memory_dropout"])
+    configs = benchmark._configs(["compile", "all+compile-kernel-dropout"], ["low_memory_dropout"])
     assert [(c.name, c.methods, c.compiled, c.compiled_dropout) for c in configs] == [
         ("compile", (), True, None),
-        ("all+compile, fused dropout", ("low_memory_dropout",), True, "inductor"),
+        ("all+compile, kernel dropout", ("low_memory_dropout",), True, "kernel"),
     ]

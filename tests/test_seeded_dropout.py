@@ -231,7 +231,8 @@ def test_seed_stream_state_and_replay_bounds():
 
 # Inductor too: the default backend users get, which must compile the dropout path in seconds on CPU
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compiles_without_graph_breaks_or_recompiles_and_matches_eager(backend):
+def test_compiles_without_graph_breaks_or_recompiles_and_matches_eager(monkeypatch, backend):
+    monkeypatch.setattr("slipstream.config.compiled_dropout", "kernel")  # the path whose masks are eager's
     model = nn.Sequential(nn.Linear(10, 10), SeededDropout(0.3, seed=5), nn.Linear(10, 10), SeededDropout(0.3, seed=6))
     x = torch.randn(6, 10, requires_grad=True)
     state = snapshot(model)
@@ -252,7 +253,8 @@ def test_compiles_without_graph_breaks_or_recompiles_and_matches_eager(backend):
 
 
 @pytest.mark.parametrize("skip_side_effects", [False, True])
-def test_compiled_checkpoint_recomputes_the_same_masks(skip_side_effects):
+def test_compiled_checkpoint_recomputes_the_same_masks(monkeypatch, skip_side_effects):
+    monkeypatch.setattr("slipstream.config.compiled_dropout", "kernel")  # the path whose masks are eager's
     model = nn.Sequential(Block(1), Block(2))
     state = snapshot(model)
     x = torch.randn(5, 12, requires_grad=True)

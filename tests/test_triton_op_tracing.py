@@ -100,6 +100,7 @@ def test_body_backend_choice_on_cpu():
 def test_compiled_cpu_code_matches_eager(monkeypatch, layer_norm_path):
     """Compiled CPU code (LayerNorm as PyTorch math, or the traced op bodies) gives eager's values."""
     monkeypatch.setattr("slipstream.config.compiled_layer_norm", layer_norm_path)
+    monkeypatch.setattr("slipstream.config.compiled_dropout", "kernel")  # the path whose masks are eager's
     x = (torch.randn(5, 3, 33) * 2 + 1).requires_grad_()
     w, b = torch.randn(33, requires_grad=True), torch.randn(33, requires_grad=True)
 

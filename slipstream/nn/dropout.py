@@ -35,8 +35,8 @@ class SeededDropout(nn.Module):
     and for ``p=0``, it returns its input. Each call draws a fresh seed from the module's own
     stream, keyed by ``seed`` (default: drawn from torch's global RNG, so ``torch.manual_seed``
     makes runs reproducible). ``inplace`` is accepted for compatibility; the result is always a new
-    tensor. Under ``torch.compile`` the stream advances inside the graph; with
-    ``slipstream.config.compiled_dropout = "inductor"`` each call's mask comes from a hashed stream
+    tensor. Under ``torch.compile`` the stream advances inside the graph; by default
+    (``slipstream.config.compiled_dropout = "inductor"``) each call's mask comes from a hashed stream
     that Inductor fuses (see :mod:`slipstream.ops.hashed_dropout`), not the Philox kernel's.
 
     Example:

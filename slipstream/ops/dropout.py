@@ -20,16 +20,16 @@ Philox call keep the kernel memory-bound in bf16; the price is that the drop pro
 The decision is made in integers, so the Triton kernel and the PyTorch fallback (the ``*_reference``
 functions, used on CPU and by the tests) give the same mask for the same seed.
 
-Under ``torch.compile``, by default (:data:`slipstream.config.compiled_dropout` ``= "kernel"``),
-both are ``triton_op`` s (``slipstream::seeded_dropout`` and ``slipstream::seeded_dropout_rows``)
-whose backward is the same op on the gradient: the compiler
+Under ``torch.compile``, by default (:data:`slipstream.config.compiled_dropout` ``= "inductor"``),
+they trace as PyTorch ops that Inductor fuses into its own kernels, with a hashed random stream
+instead of Philox (:mod:`slipstream.ops.hashed_dropout`), so compiled masks differ from eager ones.
+With the setting ``"kernel"`` both are ``triton_op`` s (``slipstream::seeded_dropout`` and
+``slipstream::seeded_dropout_rows``) whose backward is the same op on the gradient: the compiler
 traces their bodies (allocation and one ``wrap_triton`` launch, see :mod:`slipstream.ops._triton_op`)
 and launches the kernel from its own code. Traced code cannot read a seed tensor's value on the
 host, so the compiled whole-tensor op hands the kernel its seed in device memory (an 8-byte copy
 when the seed is on the CPU); eager mode passes it as a kernel argument. Compiled CPU code under
-Triton's interpreter runs the fallback (interpreted kernels cannot be traced). With the setting
-``"inductor"`` they trace as PyTorch ops that Inductor fuses into its own kernels, with a hashed
-random stream instead of Philox (:mod:`slipstream.ops.hashed_dropout`).
+Triton's interpreter runs the fallback (interpreted kernels cannot be traced).
 """
 
 from __future__ import annotations
@@ -280,7 +280,7 @@ def seeded_dropout(
 
     Kept elements are scaled by ``1 / (1 - p)``; ``p=0`` returns a copy of ``x``, ``p=1`` zeros. The
     same seed gives the same mask on every call and every device; backward regenerates it, so
-    nothing but the seed is saved. (Compiled with ``slipstream.config.compiled_dropout =
+    nothing but the seed is saved. (Compiled, by default ``slipstream.config.compiled_dropout =
     "inductor"``, the mask comes from another stream, :mod:`slipstream.ops.hashed_dropout`.)
     ``seed`` is an int in the int64 range or a one-element int64 tensor (a CUDA seed tensor is read
     back to the host, a synchronization). The result is
@@ -307,7 +307,7 @@ def seeded_dropout_rows(x: Tensor, p: float, seeds: Tensor) -> Tensor:
 
     Columns are numbered within each row, so rows with equal seeds get equal masks and a row's mask
     does not depend on the other rows. Any strides work (no copy); the result has ``x``'s layout
-    when ``x`` is dense, and the values of the contiguous case always. Compiled with
+    when ``x`` is dense, and the values of the contiguous case always. Compiled, by default
     ``slipstream.config.compiled_dropout = "inductor"``, the masks come from another stream
     (:mod:`slipstream.ops.hashed_dropout`).
 
