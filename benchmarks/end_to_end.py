@@ -15,7 +15,10 @@ trains these configurations, each built fresh from the same seed:
   instead of their default ``"inductor"`` (the norms traced as PyTorch math that Inductor fuses);
 * on request, ``all+compile-kernel-dropout``: ``all+compile`` with ``slipstream.config.compiled_dropout
   = "kernel"`` (the Philox kernel launched on its own) instead of its default ``"inductor"``
-  (SeededDropout's mask as hashed PyTorch ops that Inductor fuses and recomputes in backward).
+  (SeededDropout's mask as hashed PyTorch ops that Inductor fuses and recomputes in backward);
+* on request, ``compile-cudagraphs`` and ``all+compile-cudagraphs``: ``compile`` and ``all+compile`` with
+  ``torch.compile(mode="reduce-overhead")`` (CUDA graphs replay the compiled step: no host cost per
+  launch), the way out of host-bound steps that PyTorch offers.
 
 Configurations are interleaved: each round runs every configuration once (a few untimed steps, then
 ``--steps`` timed ones); step time is the median over rounds of each round's median, with the min-max
@@ -52,7 +55,7 @@ from benchmarks.end_to_end_training import (
 )
 
 CONFIG_KINDS = ("eager", "compile", "methods", "all", "all+compile", "all-triton-launch", "all+compile-kernel-norms",
-                "all+compile-kernel-dropout")
+                "all+compile-kernel-dropout", "compile-cudagraphs", "all+compile-cudagraphs")
 DEFAULT_CONFIG_KINDS = CONFIG_KINDS[:5]  # the last ones run on request
 
 
@@ -127,6 +130,10 @@ def _configs(kinds: Sequence[str], applicable: list[str]) -> list[Config]:
                                   compiled_layer_norm="kernel", compiled_group_norm="kernel"))
         if "all+compile-kernel-dropout" in kinds:
             configs.append(Config("all+compile, kernel dropout", tuple(applicable), True, compiled_dropout="kernel"))
+    if "compile-cudagraphs" in kinds:
+        configs.append(Config("compile, CUDA graphs", (), True, compile_mode="reduce-overhead"))
+    if applicable and "all+compile-cudagraphs" in kinds:
+        configs.append(Config("all+compile, CUDA graphs", tuple(applicable), True, compile_mode="reduce-overhead"))
     return configs
 
 

@@ -102,6 +102,8 @@ def _target_lines(result: dict) -> list[str]:
     ratio_line("all methods + torch.compile vs torch.compile", "compile", "all+compile", 1.0)
     ratio_line("all methods + torch.compile, kernel dropout, vs torch.compile", "compile",
                "all+compile, kernel dropout", 1.0)
+    ratio_line("all methods + torch.compile vs torch.compile, both with CUDA graphs", "compile, CUDA graphs",
+               "all+compile, CUDA graphs", 1.0)
     low_memory = configs.get("low_memory_dropout") or (
         configs.get("all") if "low_memory_dropout" in result["applicable"] else None
     )

@@ -131,6 +131,7 @@ class Config:
     compiled_layer_norm: Optional[str] = None
     compiled_group_norm: Optional[str] = None
     compiled_dropout: Optional[str] = None  # slipstream.config.compiled_dropout during its steps; None: as set
+    compile_mode: str = "default"  # torch.compile's mode; "reduce-overhead" replays CUDA graphs
 
 
 class LossModule(nn.Module):
@@ -243,7 +244,8 @@ class Trainee:
             self.model.to(memory_format=torch.channels_last)
         self.surgery = {name: apply_method(self.model, methods[name], seed) for name in config.methods}
         module = LossModule(self.model, spec.loss)
-        self.module = torch.compile(module) if config.compiled else module
+        self.module = torch.compile(module, mode=config.compile_mode) if config.compiled else module
+        self.cudagraphs = config.compiled and config.compile_mode == "reduce-overhead"
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, fused=True)
         self.steps_done = 0
         self.losses: list[torch.Tensor] = []
@@ -256,6 +258,8 @@ class Trainee:
     def step(self) -> torch.Tensor:
         """One training step: forward and loss under bf16 autocast, backward, fused AdamW."""
         batch = self.batches[self.steps_done % len(self.batches)]
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten
         with slipstream_settings(eager_launch=self.config.eager_launch,
                                  compiled_layer_norm=self.config.compiled_layer_norm,
                                  compiled_group_norm=self.config.compiled_group_norm,
@@ -267,7 +271,8 @@ class Trainee:
         # Grads are freed between steps, so each configuration's memory at rest is weights + optimizer state.
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
-        loss = loss.detach()
+        # A CUDA graph's output lives in memory its next replay overwrites: keep a copy.
+        loss = loss.detach().clone() if self.cudagraphs else loss.detach()
         self.losses.append(loss)
         return loss
 

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from slipstream.nn._capture import refuse_eager_cuda_graph_capture
 from slipstream.nn.seed_stream import SeedStream, check_int64
 from slipstream.ops.dropout import seeded_dropout
 
@@ -37,7 +38,9 @@ class SeededDropout(nn.Module):
     makes runs reproducible). ``inplace`` is accepted for compatibility; the result is always a new
     tensor. Under ``torch.compile`` the stream advances inside the graph; by default
     (``slipstream.config.compiled_dropout = "inductor"``) each call's mask comes from a hashed stream
-    that Inductor fuses (see :mod:`slipstream.ops.hashed_dropout`), not the Philox kernel's.
+    that Inductor fuses (see :mod:`slipstream.ops.hashed_dropout`), not the Philox kernel's. CUDA
+    graphs: ``torch.compile(mode="reduce-overhead")`` draws a new mask every replay; capturing the
+    module in eager mode (``torch.cuda.graph``) raises RuntimeError, since replays would reuse one mask.
 
     Example:
         >>> drop = SeededDropout(p=0.5, seed=0)
@@ -72,6 +75,7 @@ class SeededDropout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
+        refuse_eager_cuda_graph_capture("SeededDropout", x)
         return seeded_dropout(x, self.p, self._seeds.next(), on_backward=self._seeds.backward_reached)
 
     def run_state(self) -> dict[str, int]:

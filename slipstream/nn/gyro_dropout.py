@@ -27,6 +27,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from slipstream.nn._capture import refuse_eager_cuda_graph_capture
+
 __all__ = ["GyroDropout", "check_gyro_arguments"]
 
 def _check_positive_int(value: object, name: str) -> None:
@@ -136,7 +138,9 @@ class GyroDropout(nn.Module):
     accumulation or several forwards per step, pass ``advance_on_forward=False`` and call
     :meth:`advance` once after each optimizer step (the ``slipstream.algorithms.GyroDropout``
     algorithm does this at ``Event.BATCH_END``). Under ``torch.compile`` that manual mode traces
-    with no graph break; ``advance_on_forward=True`` costs one graph break per module.
+    with no graph break; ``advance_on_forward=True`` costs one graph break per module. Capturing a
+    training forward into a CUDA graph in eager mode (``torch.cuda.graph``) raises RuntimeError:
+    replays would keep the captured active set.
 
     Args:
         p: probability of dropping a feature, in [0, 1).
@@ -310,6 +314,7 @@ class GyroDropout(nn.Module):
             return x
         if x.dim() == 0:
             raise ValueError("GyroDropout needs an input with at least one dimension (features last)")
+        refuse_eager_cuda_graph_capture("GyroDropout", x)
         if not self._ready_for(x):
             self._prepare(x)
         if x.dim() == 1:
