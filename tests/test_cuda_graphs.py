@@ -4,7 +4,7 @@
 seed is computed inside the graph, so each replay must draw the next mask of its stream. Eager capture
 (``torch.cuda.graph``) keeps the launch arguments of the capture: the norms replay correctly, while the
 dropouts, which draw on the host, refuse to be captured instead of repeating one mask.
-All of these need a GPU; CI (CPU) skips them.
+All but the first test need a GPU; CI (CPU) skips them.
 """
 
 import pytest
@@ -13,11 +13,28 @@ import torch.nn.functional as F
 
 from slipstream import config
 from slipstream.nn import FusedGroupNorm, FusedLayerNorm, GyroDropout, SeededDropout
+from slipstream.nn._capture import refuse_eager_cuda_graph_capture
 from slipstream.nn.seed_stream import stream_seed
 from slipstream.ops.dropout import keep_threshold, seeded_dropout_reference
 from slipstream.ops.hashed_dropout import hashed_keep_mask
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+class CapturedInput:
+    """Stands in for a CUDA tensor on a CPU-only machine: the guard reads ``is_cuda`` only."""
+
+    is_cuda = True
+
+
+def test_the_capture_guard_raises_only_while_the_stream_is_captured(monkeypatch):
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    refuse_eager_cuda_graph_capture("SeededDropout", CapturedInput())
+    capturing[0] = True
+    with pytest.raises(RuntimeError, match="SeededDropout cannot be captured into a CUDA graph in eager mode"):
+        refuse_eager_cuda_graph_capture("SeededDropout", CapturedInput())
+    refuse_eager_cuda_graph_capture("SeededDropout", torch.ones(2))  # a CPU tensor is never captured
 
 
 def expected_keep(path: str, key: int, call: int, x: torch.Tensor, p: float) -> torch.Tensor:
@@ -28,6 +45,7 @@ def expected_keep(path: str, key: int, call: int, x: torch.Tensor, p: float) -> 
     return seeded_dropout_reference(torch.ones_like(x), p, seed) != 0
 
 
+@needs_cuda
 @pytest.mark.parametrize("path", ["inductor", "kernel"])
 def test_reduce_overhead_draws_the_next_mask_of_the_stream_every_replay(monkeypatch, path):
     monkeypatch.setattr(config, "compiled_dropout", path)
@@ -51,6 +69,7 @@ def test_reduce_overhead_draws_the_next_mask_of_the_stream_every_replay(monkeypa
     assert drop.run_state()["calls"] == 5
 
 
+@needs_cuda
 @pytest.mark.parametrize("make", [lambda: SeededDropout(0.2, seed=5),
                                   lambda: GyroDropout(0.2, sigma=4, tau=2, iters_per_epoch=2, max_epoch=2, seed=5)])
 def test_eager_capture_of_a_dropout_that_draws_on_the_host_is_an_error(make):
@@ -78,6 +97,7 @@ def _float64_grads(norm, x, dy):
     return y, x64.grad, w64.grad, b64.grad
 
 
+@needs_cuda
 @pytest.mark.parametrize("make, shape", [(lambda: FusedLayerNorm(300), (5, 7, 300)),
                                          (lambda: FusedGroupNorm(6, 30), (3, 30, 9, 7))])
 def test_norms_replay_forward_and_backward_in_an_eager_cuda_graph(make, shape):
