@@ -104,7 +104,7 @@ def test_p_zero_keeps_everything_and_p_one_drops_everything():
 
 
 def test_a_cpu_seed_is_a_scalar_for_a_mask_on_another_device():
-    # The compiled path keeps SeedStream's CPU seed where it is (no copy); "meta" stands in for a GPU.
+    # A 0-d seed enters as a scalar wherever it lives; "meta" stands in for a GPU.
     x = torch.empty(3, 5, device="meta")
     assert hashed_dropout(x, torch.tensor(random_seed()), keep_threshold(0.5), 2.0).device == x.device
     assert hashed_keep_mask(torch.tensor(7), 100, 9, device="meta").shape == (1, 9)

@@ -230,9 +230,9 @@ def _dispatch(
     if torch.compiler.is_compiling():
         path = config.compiled_dropout
         if path == "inductor":  # PyTorch ops Inductor fuses, in another random stream
-            seeds = _seed_tensor(key)
-            if seeds.dim() != 0 or seeds.device.type != "cpu":  # a 0-d CPU seed is a scalar anywhere
-                seeds = _on_device(seeds, x.device)
+            # On x's device even when 0-d: a CPU seed entered Inductor's kernel as a scalar argument, and
+            # CUDA graph trees (mode="reduce-overhead") refused the graph's outputs as not in their pool.
+            seeds = _on_device(_seed_tensor(key), x.device)
             return hashed_dropout(x.contiguous() if seeds.dim() == 0 else x, seeds, keep_threshold(p), _scale(p))
         if path != "kernel":
             raise ValueError(f"slipstream.config.compiled_dropout must be 'kernel' or 'inductor', got {path!r}")

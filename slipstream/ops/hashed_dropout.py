@@ -56,9 +56,9 @@ def hashed_keep_mask(seeds: Tensor, threshold: int, n_cols: int, device: Optiona
 
     ``seeds``: int64, one per row (a 0-d tensor is one row); ``threshold``: a 16-bit number must
     reach it to keep its element (:func:`~slipstream.ops.dropout.keep_threshold`). The mask is made
-    on ``device`` (default: ``seeds``' device). A 0-d seed may stay on the CPU for a GPU mask: it
-    enters as a scalar, and compiled code passes it to Inductor's kernel as an argument, with no
-    host-to-device copy.
+    on ``device`` (default: ``seeds``' device). A 0-d seed may stay on the CPU for a mask on
+    another device (it enters as a scalar); the compiled dropout path moves it to the mask's
+    device first, which CUDA graphs need.
 
     Example:
         >>> mask = hashed_keep_mask(torch.tensor([3, 4]), threshold=32768, n_cols=6)
