@@ -154,6 +154,7 @@ def _config_result(trainee: Trainee) -> dict:
         "peak_bytes": trainee.peak_bytes,
         "state_bytes": trainee.state_bytes,
         "final_loss": trainee.final_loss(),
+        "step_losses": trainee.step_losses(),
         "graph_breaks": trainee.graph_breaks,
         "graphs": trainee.graphs,
     }

@@ -323,6 +323,10 @@ class Trainee:
         last = self.losses[-FINAL_LOSS_STEPS:]
         return float(torch.stack(last).float().mean())
 
+    def step_losses(self) -> list[float]:
+        """The loss of every step run so far, warm-up included, in order (one host sync)."""
+        return torch.stack(self.losses).float().tolist() if self.losses else []
+
 
 def dropout_mask_bytes(spec: ModelSpec, model: nn.Module, batch: Batch, device: torch.device) -> int:
     """Bytes of the masks eager dropout keeps for backward in one step (one byte per element, p > 0).

@@ -43,6 +43,8 @@ def test_surgery_report_counts_the_layernorms(gpt2_result):
 
 
 def test_numbers_are_sane(gpt2_result):
+    from benchmarks.end_to_end_training import FINAL_LOSS_STEPS
+
     result, out = gpt2_result
     eager, all_methods = result["configs"]
     assert result["loss_steps"] == 1 + 2 * (2 + 2)  # warm-up + rounds x (round warm-up + timed)
@@ -53,6 +55,9 @@ def test_numbers_are_sane(gpt2_result):
         assert config["peak_bytes"] is None  # CPU: no CUDA memory statistics
         # Random 256-token vocabulary: the loss starts near ln 256 and stays finite.
         assert 1.0 < config["final_loss"] < math.log(256) + 1
+        losses = config["step_losses"]
+        assert len(losses) == result["loss_steps"] and all(math.isfinite(v) for v in losses)
+        assert config["final_loss"] == pytest.approx(sum(losses[-FINAL_LOSS_STEPS:]) / FINAL_LOSS_STEPS)
     # Same weights and batches; low-precision norms move the loss by rounding, not more.
     assert abs(all_methods["final_loss"] - eager["final_loss"]) < 0.05 * eager["final_loss"]
     text = (out / "e2e.md").read_text()
