@@ -12,7 +12,9 @@ Each timed call (forward, or forward + backward through ``torch.autograd.grad``)
 CUDA graph and its replays are timed with ``do_bench`` (median, L2 flushed before each replay), so
 the numbers are GPU time, not Python launch overhead; every implementation is timed the same way.
 The forward pass is the training one (inputs require grad). Effective bandwidth counts
-2 x numel x element size forward and 5x forward + backward (see ``benchmarks/common.py``).
+2 x numel x element size forward and 5x forward + backward (see ``benchmarks/common.py``). Beside
+the copy bandwidth (1 GiB copies), each case reports its size floor: the same bytes moved by plain
+copy kernels at this size, one launch a pass (:func:`size_floor_gbs`).
 ``torch.compile`` compiles each case statically; its compile cache is warmed by parallel worker
 processes first, which only shortens the run.
 """
@@ -154,11 +156,35 @@ def check(norm: Norm, x, w, b, dy, y64, dx64) -> tuple[float, float]:
     return rel_error(y.detach(), y64.detach()), rel_error(torch.autograd.grad(y, x, dy)[0], dx64)
 
 
+def size_floor_gbs(x: torch.Tensor, dy: torch.Tensor) -> tuple[float, float]:
+    """Effective GB/s of the traffic floor at ``x``'s size: ``(forward, forward + backward)``.
+
+    Forward: one copy of x (read x, write y). Forward + backward: that copy, then one elementwise
+    kernel that reads x and dy and writes dx. The same bytes the effective bandwidth counts, moved
+    by one launch a pass with no arithmetic, timed as the norms are: what any one-launch-a-pass
+    GroupNorm could reach at this size, where the fixed cost of a launch is not small against the
+    transfer (1 GiB copies measure the copy bandwidth).
+    """
+    source, grad = x.detach(), dy.detach()
+    y, dx = torch.empty_like(source), torch.empty_like(source)
+    nbytes = source.numel() * source.element_size()
+
+    def forward_and_backward() -> None:
+        y.copy_(source)
+        torch.add(source, grad, out=dx)
+
+    return gbs(2 * nbytes, bench(lambda: y.copy_(source))), gbs(5 * nbytes, bench(forward_and_backward))
+
+
 def bench_norms(dtypes: list[str], impls: list[str], copy_gbs: float) -> list[dict]:
     results = []
+    floors: dict[tuple, tuple[float, float]] = {}
     for shape, num_groups, dtype_name, layout, silu in _cases(dtypes):
         dtype = DTYPES[dtype_name]
         x, w, b, dy = make_inputs(shape, dtype, layout)
+        if (shape, dtype_name, layout) not in floors:
+            floors[shape, dtype_name, layout] = size_floor_gbs(x, dy)
+        floor_fwd_gbs, floor_fwd_bwd_gbs = floors[shape, dtype_name, layout]
         x64 = x.detach().double().requires_grad_()
         y64 = eager_norm(num_groups, silu)(x64, w.detach().double(), b.detach().double())
         dx64 = torch.autograd.grad(y64, x64, dy.double())[0]
@@ -176,6 +202,7 @@ def bench_norms(dtypes: list[str], impls: list[str], copy_gbs: float) -> list[di
             row.update(err_y=err_y, err_dx=err_dx, ok=max(err_y, err_dx) < TOLERANCE[dtype],
                        fwd_ms=ms_f, fwd_bwd_ms=ms_fb, fwd_gbs=gbs(2 * nbytes, ms_f), fwd_bwd_gbs=gbs(5 * nbytes, ms_fb))
             row["fwd_bwd_copy_frac"] = row["fwd_bwd_gbs"] / copy_gbs
+            row.update(floor_fwd_gbs=floor_fwd_gbs, floor_fwd_bwd_gbs=floor_fwd_bwd_gbs)
             print(json.dumps(row), flush=True)
             results.append(row)
     return results
@@ -190,7 +217,8 @@ def norm_tables(results: list[dict], copy_gbs: float) -> str:
     text = []
     for key, label in (("fwd_bwd", "forward + backward"), ("fwd", "forward")):
         table = Table(["shape", "G", "dtype", "layout", "SiLU", *[f"{i} GB/s" for i in impls],
-                       "slipstream / copy", "x eager", "x best peer", "max rel err"])
+                       "slipstream / copy", "size floor GB/s", "slipstream / floor", "x eager", "x best peer",
+                       "max rel err"])
         for (shape, groups, dtype, layout, silu), by_impl in cases.items():
             ours = by_impl.get("slipstream")
             peers = [r[f"{key}_gbs"] for i, r in by_impl.items() if i != "slipstream"]
@@ -199,12 +227,19 @@ def norm_tables(results: list[dict], copy_gbs: float) -> str:
                 "x".join(map(str, shape)), groups, dtype, layout, "yes" if silu else "no",
                 *[by_impl[i][f"{key}_gbs"] if i in by_impl else "n/a" for i in impls],
                 f"{ours[f'{key}_gbs'] / copy_gbs:.0%}" if ours else "n/a",
+                *_floor_cells(ours, key),
                 ours[f"{key}_gbs"] / eager[f"{key}_gbs"] if ours and eager else "n/a",
                 ours[f"{key}_gbs"] / max(peers) if ours and peers else "n/a",
                 f"{max(ours['err_y'], ours['err_dx']):.1e}" + ("" if ours["ok"] else " FAIL") if ours else "n/a",
             )
         text.append(f"### {label}\n\n{table.markdown()}")
     return "\n\n".join(text)
+
+
+def _floor_cells(ours: Optional[dict], key: str) -> list[object]:
+    """The size floor's GB/s and slipstream's share of it (n/a for results saved before floors existed)."""
+    floor = ours.get(f"floor_{key}_gbs") if ours else None
+    return [floor, f"{ours[f'{key}_gbs'] / floor:.0%}"] if floor else ["n/a", "n/a"]
 
 
 def sweep_strategies() -> str:

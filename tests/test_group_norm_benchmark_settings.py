@@ -70,3 +70,22 @@ def test_run_case_rejects_malformed_cases(text):
 def test_sweep_setting_of_an_unknown_name_fails_before_any_work():
     with pytest.raises(SystemExit, match="--sweep-setting: NO_SUCH .*FORWARD_TILE"):
         bench.main(["--sweep-setting", "NO_SUCH=1,2"])
+
+
+def _result(impl: str, fwd_bwd_gbs: float, **extra) -> dict:
+    return dict(shape=[2, 4, 3, 3], groups=2, dtype="bf16", layout="contiguous", silu=False, impl=impl,
+                fwd_gbs=fwd_bwd_gbs, fwd_bwd_gbs=fwd_bwd_gbs, err_y=1e-3, err_dx=1e-3, ok=True, **extra)
+
+
+def test_tables_give_slipstream_share_of_the_size_floor():
+    rows = [_result("slipstream", 600.0, floor_fwd_gbs=1200.0, floor_fwd_bwd_gbs=1500.0), _result("eager", 200.0)]
+    text = bench.norm_tables(rows, copy_gbs=3000.0)
+    forward_and_backward = text.split("### forward\n")[0]
+    # slipstream 600 GB/s: 20% of copy, 40% of its 1500 GB/s size floor, 3x eager.
+    assert "| 20% | 1500 | 40% | 3 |" in forward_and_backward
+    assert "| 20% | 1200 | 50% | 3 |" in text.split("### forward\n")[1]
+
+
+def test_tables_of_results_without_floors_say_so():
+    text = bench.norm_tables([_result("slipstream", 600.0), _result("eager", 200.0)], copy_gbs=3000.0)
+    assert "| 20% | n/a | n/a | 3 |" in text
