@@ -2,6 +2,7 @@
 apply_low_memory_dropout and the LowMemoryDropout algorithm."""
 
 import copy
+import pickle
 import shutil
 import warnings
 
@@ -207,6 +208,47 @@ def test_checkpoint_after_no_grad_forward_and_with_retain_graph():
     loss.backward(retain_graph=True)
     loss.backward()  # a second backward recomputes again: twice the same gradient
     assert all(torch.allclose(p.grad, 2 * g) for p, g in zip(model.parameters(), plain))
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_no_grad_training_forward_does_not_shift_the_checkpoint_replay(when):
+    """A metrics pass in training mode, in the same phase as a checkpointed forward, draws seeds no backward
+    recomputes."""
+    model = nn.Sequential(Block(2))
+    state = snapshot(model)
+    x, stray = torch.randn(4, 12, requires_grad=True), torch.randn(4, 12)
+
+    def metrics_pass():
+        with torch.no_grad():
+            model(stray)
+
+    if when == "before":  # the plain step's masks come after the stray draws too
+        restore(model, state)
+        metrics_pass()
+        plain = grads(model, snapshot(model), x, model)
+    else:
+        plain = grads(model, state, x, model)
+    restore(model, state)
+    model.zero_grad()
+    if when == "before":
+        metrics_pass()
+    loss = checkpointed(model, False)(x).square().sum()
+    if when == "after":
+        metrics_pass()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss.backward()
+    assert all(torch.allclose(p.grad, g) for p, g in zip(model.parameters(), plain))
+
+
+def test_a_model_copies_and_pickles_after_a_checkpointed_backward():
+    model = nn.Sequential(Block(1))
+    x = torch.randn(3, 12, requires_grad=True)
+    checkpointed(model, False)(x).sum().backward()
+    clones = [copy.deepcopy(model), pickle.loads(pickle.dumps(model))]
+    assert all(save_run_state(clone) == save_run_state(model) for clone in clones)
+    expected = model(x)
+    assert all(torch.equal(clone(x), expected) for clone in clones)  # the same next seed, so the same mask
 
 
 def test_checkpoint_of_a_module_shared_by_two_regions_warns():

@@ -10,7 +10,11 @@ Checkpointing: ``torch.utils.checkpoint`` re-runs a forward during backward and 
 back, with or without ``preserve_rng_state``. A call made while autograd runs a backward pass
 (``torch._C._current_graph_task_id() != -1``, the test FSDP2 and ``ModuleTracker`` use for the same
 purpose) is a recomputation: it replays the seeds drawn since the previous backward, in drawing
-order. That is exact when one checkpointed region holds the owner's calls (called once or several
+order. Draws made with gradients enabled and draws made without are kept apart: a recomputation
+replays the former if there are any (a forward with gradients, checkpointed without reentrance or
+not checkpointed), else the latter (reentrant checkpointing runs its forward without gradients), so
+a ``no_grad`` call in training mode between backward passes (a metrics pass) does not shift the
+replay. That is exact when one checkpointed region holds the owner's calls (called once or several
 times in it), with ``use_reentrant`` True or False; a warning says when one backward recomputes the
 owner in several regions, whose replay order would not match. Under ``torch.compile`` the seed is a
 graph value computed from the stream's state tensor by :func:`stream_seed_of_state` (plain integer
@@ -23,7 +27,7 @@ setting each such region is a graph break (and runs eagerly, with correct masks)
 from __future__ import annotations
 
 import warnings
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -127,11 +131,23 @@ class SeedStream:
         self._reset_replay()
 
     def _reset_replay(self) -> None:
-        self._phase_start = int(self.state[1])  # index of the first seed drawn since the last backward
-        self._backward_seen = False
+        self._start_phase()
         self._replay_task = -1  # graph task replaying the phase, the node that triggered it, position
-        self._replay_node: Any = None
+        self._replay_node: Any = None  # never pickled (see __getstate__): autograd nodes cannot be
         self._replay_cursor = 0
+
+    def _start_phase(self) -> None:
+        # Seed indices drawn since the last backward, as [start, stop) runs, with gradients enabled / disabled.
+        self._phase_draws: dict[bool, list[list[int]]] = {True: [], False: []}
+        self._backward_seen = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (and deep-copied) as the stream's position; a copy starts with no phase to replay."""
+        return {"state": self.state.clone()}
+
+    def __setstate__(self, saved: dict[str, Any]) -> None:
+        self.state = saved["state"]
+        self._reset_replay()
 
     def next(self) -> Union[int, Tensor]:
         """The seed for this call (replayed during recomputation).
@@ -147,14 +163,26 @@ class SeedStream:
         if task != -1:
             return self._replay(task)
         if self._backward_seen:
-            self._phase_start = int(self.state[1])
-            self._backward_seen = False
-        return self._draw()
-
-    def _draw(self) -> int:
+            self._start_phase()
         key, calls = self.state.tolist()
+        runs = self._phase_draws[torch.is_grad_enabled()]
+        if runs and runs[-1][1] == calls:
+            runs[-1][1] = calls + 1
+        else:
+            runs.append([calls, calls + 1])
+        return self._draw(key, calls)
+
+    def _draw(self, key: int, calls: int) -> int:
         self.state = self.state + _ONE_CALL  # a new tensor; an add costs less host time than torch.tensor
         return stream_seed(key, calls)
+
+    def _replayed_index(self, position: int) -> Optional[int]:
+        """Index of the ``position``-th seed a recomputation replays, or None past the phase's draws."""
+        for start, stop in self._phase_draws[True] or self._phase_draws[False]:
+            if position < stop - start:
+                return start + position
+            position -= stop - start
+        return None
 
     def backward_reached(self) -> None:
         """Call when backward reaches a call's result (eager mode): the next call starts a new phase."""
@@ -175,16 +203,16 @@ class SeedStream:
                 stacklevel=3,
             )
         key, calls = self.state.tolist()
-        index = self._phase_start + self._replay_cursor
+        index = self._replayed_index(self._replay_cursor)
         self._replay_cursor += 1
-        if index >= calls:
+        if index is None:
             warnings.warn(
                 "a SeedStream was called during backward more often than during the forward pass it "
                 "would recompute; drawing a fresh seed",
                 RuntimeWarning,
                 stacklevel=3,
             )
-            return self._draw()
+            return self._draw(key, calls)
         return stream_seed(key, index)
 
     def state_dict(self) -> dict[str, int]:
