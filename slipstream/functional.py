@@ -7,7 +7,6 @@ replaced (``len()`` of it is the count; if the root module itself was replaced, 
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from typing import Callable, Iterable, Optional, Union
 
@@ -21,12 +20,25 @@ from slipstream.nn.gyro_dropout import GyroDropout, check_gyro_arguments
 from slipstream.precision import autocast_dtype
 from slipstream.surgery import NoEffectWarning, classes_named, replace_module_classes
 
-__all__ = ["apply_fused_layernorm", "apply_low_precision_layernorm", "apply_low_precision_groupnorm", "apply_gyro_dropout", "apply_low_memory_dropout", "apply_fused_groupnorm"]
+__all__ = [
+    "apply_fused_layernorm",
+    "apply_low_precision_layernorm",
+    "apply_low_precision_groupnorm",
+    "apply_gyro_dropout",
+    "apply_low_memory_dropout",
+    "apply_fused_groupnorm",
+]
 
 Optimizers = Optional[Union[torch.optim.Optimizer, Iterable[torch.optim.Optimizer]]]
 
 
-_Build = Callable[[nn.Module], Optional[nn.Module]]
+# Builds the replacement of a module, the index-th its policy replaces, or returns None to keep it.
+_Build = Callable[[nn.Module, int], Optional[nn.Module]]
+
+
+def _each(from_module: Callable[[nn.Module], nn.Module]) -> _Build:
+    """A build that replaces every matched module with ``from_module(module)``."""
+    return lambda module, index: from_module(module)
 
 
 def _replace_all(
@@ -37,13 +49,14 @@ def _replace_all(
     method: str,
     also: Optional[dict[type[nn.Module], _Build]] = None,
 ) -> dict[nn.Module, nn.Module]:
-    """Swap every module ``surgery`` matches to ``original`` for ``build(module)`` (None keeps it); warn if none.
+    """Swap every module ``surgery`` matches to ``original`` for ``build(module, index)`` (None keeps it); warn if none.
 
     ``also``: more classes to match, each with its own ``build`` (subclasses of ``original`` with
     other math that have a replacement of their own).
     """
-    policies = {cls: (lambda module, index, b=b: b(module)) for cls, b in {original: build, **(also or {})}.items()}
-    replaced = replace_module_classes(model, policies, optimizers)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    replaced = replace_module_classes(model, {original: build, **(also or {})}, optimizers)
     if not replaced:
         warnings.warn(f"{method}: found no {original.__name__} to replace; the model is unchanged", NoEffectWarning)
     return replaced
@@ -84,7 +97,8 @@ def apply_low_precision_layernorm(
     """
     if not _low_precision_has_effect(precision, "apply_low_precision_layernorm"):
         return {}
-    return _replace_all(model, nn.LayerNorm, LPLayerNorm.from_module, optimizers, "apply_low_precision_layernorm")
+    return _replace_all(model, nn.LayerNorm, _each(LPLayerNorm.from_module), optimizers,
+                        "apply_low_precision_layernorm")
 
 
 def apply_low_precision_groupnorm(
@@ -111,7 +125,8 @@ def apply_low_precision_groupnorm(
     """
     if not _low_precision_has_effect(precision, "apply_low_precision_groupnorm"):
         return {}
-    return _replace_all(model, nn.GroupNorm, LPGroupNorm.from_module, optimizers, "apply_low_precision_groupnorm")
+    return _replace_all(model, nn.GroupNorm, _each(LPGroupNorm.from_module), optimizers,
+                        "apply_low_precision_groupnorm")
 
 
 def apply_gyro_dropout(
@@ -154,14 +169,12 @@ def apply_gyro_dropout(
         1
     """
     check_gyro_arguments(p, sigma, tau, p_may_be_none=True)
-    seeds = itertools.count(seed)
 
-    def build(module: nn.Module) -> Optional[nn.Module]:
+    def build(module: nn.Module, index: int) -> Optional[nn.Module]:
         if p is None and module.p == 0:  # an identity stays one; nothing to train
             return None
-        return GyroDropout.from_module(
-            module, sigma, tau, iters_per_epoch, max_epoch, p=p, seed=next(seeds), advance_on_forward=advance_on_forward
-        )
+        return GyroDropout.from_module(module, sigma, tau, iters_per_epoch, max_epoch, p=p, seed=seed + index,
+                                       advance_on_forward=advance_on_forward)
 
     return _replace_all(model, nn.Dropout, build, None, "apply_gyro_dropout")
 
@@ -187,8 +200,9 @@ def apply_fused_layernorm(model: nn.Module, optimizers: Optimizers = None) -> di
         >>> len(apply_fused_layernorm(model))
         1
     """
-    channels_first = {cls: FusedLayerNorm2d.from_module for cls in classes_named(model, CHANNELS_FIRST_LAYER_NORMS)}
-    return _replace_all(model, nn.LayerNorm, FusedLayerNorm.from_module, optimizers, "apply_fused_layernorm",
+    channels_first = {cls: _each(FusedLayerNorm2d.from_module)
+                      for cls in classes_named(model, CHANNELS_FIRST_LAYER_NORMS)}
+    return _replace_all(model, nn.LayerNorm, _each(FusedLayerNorm.from_module), optimizers, "apply_fused_layernorm",
                         also=channels_first)
 
 
@@ -215,12 +229,10 @@ def apply_low_memory_dropout(model: nn.Module, seed: Optional[int] = None) -> di
     """
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
-    seeds = itertools.repeat(None) if seed is None else itertools.count(seed)
-
-    def build(module: nn.Module) -> Optional[nn.Module]:
+    def build(module: nn.Module, index: int) -> Optional[nn.Module]:
         if module.p == 0:  # an identity keeps no mask: nothing to save
             return None
-        return SeededDropout.from_module(module, seed=next(seeds))
+        return SeededDropout.from_module(module, seed=None if seed is None else seed + index)
 
     return _replace_all(model, nn.Dropout, build, None, "apply_low_memory_dropout")
 
@@ -249,7 +261,8 @@ def apply_fused_groupnorm(
         >>> len(apply_fused_groupnorm(model)), model[1].activation
         (2, 'silu')
     """
-    replaced = _replace_all(model, nn.GroupNorm, FusedGroupNorm.from_module, optimizers, "apply_fused_groupnorm")
+    replaced = _replace_all(model, nn.GroupNorm, _each(FusedGroupNorm.from_module), optimizers,
+                            "apply_fused_groupnorm")
     if fuse_silu:
         replaced.update(fuse_silu_into_group_norms(replaced.get(model, model)))
     return replaced

@@ -9,9 +9,14 @@ Rules (see ``ARCHITECTURE.md``):
   ``LayerNorm2d`` normalizes the channels of an NCHW tensor), so it is left alone with a
   :class:`SurgeryWarning` naming it.
 * The replacement adopts the original's ``Parameter`` and buffer objects (the same objects), its
-  training mode and its hooks, so an optimizer built before surgery keeps working and ``state_dict``
-  keys are identical in both directions.
+  training mode and its hooks (the same hook tables, so handles made before surgery still remove
+  them), so an optimizer built before surgery keeps working and ``state_dict`` keys are identical in
+  both directions. A module whose state the replacement cannot hold is left alone with a
+  :class:`SurgeryWarning`: one with parametrizations (``torch.nn.utils.parametrize``), submodules,
+  extra state, or parameters and buffers of names the replacement lacks.
 * A module reachable from several parents is replaced once; every parent gets the same new module.
+* Every replacement is built before any is put in place: if a policy raises (its error names the
+  module's path in the model), the model is left unchanged.
 """
 
 from __future__ import annotations
@@ -117,8 +122,41 @@ def _is_wrapped(model: nn.Module) -> bool:
         return False
 
 
+_HOOK_TABLES = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def _state_left_behind(old: nn.Module, new: nn.Module) -> Optional[str]:
+    """Why ``new`` could not hold ``old``'s state (None when it can): what surgery would silently drop."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(old):
+        return "it has parametrizations (torch.nn.utils.parametrize), which the replacement would drop"
+    if old._modules:
+        return f"it has submodules ({', '.join(old._modules)}), which the replacement would drop"
+    if type(old).get_extra_state is not nn.Module.get_extra_state:
+        return "it defines get_extra_state, which the replacement would drop"
+    for kind, own, theirs in (("parameters", old._parameters, new._parameters),
+                              ("buffers", old._buffers, new._buffers)):
+        missing = [name for name, value in own.items() if value is not None and theirs.get(name) is None]
+        if missing:
+            return f"its {kind} {missing} have no place in the replacement"
+    return None
+
+
 def _adopt_identity(new: nn.Module, old: nn.Module) -> None:
-    """Make ``new`` hold ``old``'s own Parameter/buffer objects, training mode and hooks."""
+    """Make ``new`` hold ``old``'s own Parameter/buffer objects, training mode and hook tables."""
     for name, param in old._parameters.items():
         if name in new._parameters:
             new._parameters[name] = param
@@ -126,17 +164,15 @@ def _adopt_identity(new: nn.Module, old: nn.Module) -> None:
         if name in new._buffers:
             new._buffers[name] = buf
     new.train(old.training)
-    for hooks in (
-        "_forward_hooks",
-        "_forward_hooks_with_kwargs",
-        "_forward_hooks_always_called",
-        "_forward_pre_hooks",
-        "_forward_pre_hooks_with_kwargs",
-        "_backward_hooks",
-        "_backward_pre_hooks",
-    ):
-        if hasattr(old, hooks) and getattr(old, hooks):
-            getattr(new, hooks).update(getattr(old, hooks))
+    # The same dict objects (the replacement's own hooks merged in): a RemovableHandle made before surgery
+    # removes its hook from the table it was registered in.
+    for table in _HOOK_TABLES:
+        if hasattr(old, table) and hasattr(new, table):
+            hooks = getattr(old, table)
+            hooks.update(getattr(new, table))
+            setattr(new, table, hooks)
+    if hasattr(old, "_is_full_backward_hook"):
+        new._is_full_backward_hook = old._is_full_backward_hook
 
 
 def _add_new_params_to_optimizers(
@@ -197,7 +233,13 @@ def replace_module_classes(
     warned: set[type] = set()
     match_counts: dict[type, int] = {}
 
-    def replacement_for(module: nn.Module) -> Optional[nn.Module]:
+    def leave_alone(module: nn.Module, why: str) -> None:
+        cls = type(module)
+        if cls not in warned:
+            warned.add(cls)
+            warnings.warn(f"surgery left {_qualified_name(cls)} alone: {why}", SurgeryWarning, stacklevel=4)
+
+    def replacement_for(module: nn.Module, path: str) -> Optional[nn.Module]:
         if module in replaced:
             return replaced[module]
         if id(module) in visited:
@@ -208,46 +250,51 @@ def replace_module_classes(
         if key is None:
             return None
         if not _same_math(cls, key):
-            if cls not in warned:
-                warned.add(cls)
-                warnings.warn(
-                    f"surgery left {_qualified_name(cls)} alone: it subclasses {key.__name__} but overrides "
-                    f"forward, so its math may differ. If it computes exactly what {key.__name__} does, "
-                    f"call slipstream.surgery.register_same_math({cls.__name__}, {key.__name__}).",
-                    SurgeryWarning,
-                    stacklevel=4,
-                )
+            leave_alone(module, f"it subclasses {key.__name__} but overrides forward, so its math may differ. If it "
+                                f"computes exactly what {key.__name__} does, call "
+                                f"slipstream.surgery.register_same_math({cls.__name__}, {key.__name__}).")
             return None
         index = match_counts.get(key, 0)
-        new = policies[key](module, index)
+        try:
+            new = policies[key](module, index)
+        except (TypeError, ValueError) as error:
+            if type(error) not in (TypeError, ValueError):  # a subclass's constructor may take other arguments
+                raise
+            raise type(error)(f"{path or 'the model'} ({cls.__name__}): {error}") from error
         if new is None:
             return None
+        why = _state_left_behind(module, new)
+        if why is not None:
+            leave_alone(module, why)
+            return None
         match_counts[key] = index + 1
-        _adopt_identity(new, module)
-        _add_new_params_to_optimizers(module, new, optimizers)
         replaced[module] = new
         return new
 
-    root_new = replacement_for(model)
-    if root_new is not None:
-        return replaced
-
-    # Iterative walk; replacements are not descended into.
-    stack = [model]
+    # Build every replacement first, then put them in place: a policy that raises leaves the model as it was.
+    root_new = replacement_for(model, "")
+    swaps: list[tuple[nn.Module, str, nn.Module]] = []
+    stack = [] if root_new is not None else [("", model)]
     seen_parents: set[int] = set()
-    while stack:
-        parent = stack.pop()
+    while stack:  # iterative walk; replacements are not descended into
+        prefix, parent = stack.pop()
         if id(parent) in seen_parents:
             continue
         seen_parents.add(id(parent))
         for name, child in list(parent._modules.items()):
             if child is None:
                 continue
-            new = replacement_for(child)
+            path = f"{prefix}.{name}" if prefix else name
+            new = replacement_for(child, path)
             if new is not None:
-                parent._modules[name] = new
+                swaps.append((parent, name, new))
             elif child not in replaced:
-                stack.append(child)
+                stack.append((path, child))
+    for old, new in replaced.items():
+        _adopt_identity(new, old)
+        _add_new_params_to_optimizers(old, new, optimizers)
+    for parent, name, new in swaps:
+        parent._modules[name] = new
     return replaced
 
 
@@ -260,6 +307,8 @@ def classes_named(model: nn.Module, names: Iterable[str]) -> set[type]:
         >>> sorted(c.__name__ for c in classes_named(nn.Sequential(nn.ReLU()), ["torch.nn.modules.activation.ReLU"]))
         ['ReLU']
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     wanted = set(names)
     return {type(m) for m in model.modules() if _qualified_name(type(m)) in wanted}
 

@@ -163,6 +163,71 @@ def test_hooks_carried_over():
     assert calls == [torch.Size([2, 6])]
 
 
+def test_every_hook_kind_is_carried_and_old_handles_still_remove_them():
+    model = small_model()
+    calls = []
+    handles = [
+        model[1].register_forward_hook(lambda mod, inp, out: calls.append("forward")),
+        model[1].register_forward_pre_hook(lambda mod, inp: calls.append("pre")),
+        model[1].register_full_backward_hook(lambda mod, gin, gout: calls.append("backward")),
+        model[1].register_full_backward_pre_hook(lambda mod, gout: calls.append("backward pre")),
+    ]
+    replace_module_classes(model, LN_POLICY)
+    model(torch.randn(2, 6, requires_grad=True)).sum().backward()
+    assert sorted(calls) == ["backward", "backward pre", "forward", "pre"]
+    for handle in handles:
+        handle.remove()
+    calls.clear()
+    model(torch.randn(2, 6, requires_grad=True)).sum().backward()
+    assert calls == []
+
+
+class CountingLN(nn.LayerNorm):
+    """Same forward, but state of its own (a buffer): swapping it would drop a state_dict key."""
+
+    def __init__(self, n):
+        super().__init__(n)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+
+class ExtraStateLN(nn.LayerNorm):
+    def get_extra_state(self):
+        return {"version": 2}
+
+    def set_extra_state(self, state):
+        pass
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda: torch.nn.utils.parametrize.register_parametrization(nn.LayerNorm(6), "weight", nn.Tanh()),
+     "parametrizations"),
+    (lambda: CountingLN(6), r"buffers \['calls'\]"),
+    (lambda: ExtraStateLN(6), "get_extra_state"),
+])
+def test_modules_whose_state_the_replacement_cannot_hold_are_left_alone(make, reason):
+    model = nn.Sequential(nn.Linear(6, 6), make())
+    keys, x = list(model.state_dict()), torch.randn(3, 6)
+    expected = model(x)
+    with pytest.warns(SurgeryWarning, match=reason):
+        replaced = replace_module_classes(model, LN_POLICY)
+    assert replaced == {} and list(model.state_dict()) == keys
+    assert torch.equal(model(x), expected)
+
+
+def test_a_policy_that_raises_leaves_the_model_unchanged_and_names_the_module():
+    model = nn.Sequential(nn.LayerNorm(6), nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6)))
+    before = [type(m) for m in model.modules()]
+
+    def policy(module, index):
+        if index == 1:
+            raise ValueError("no replacement for this one")
+        return LPLayerNorm.from_module(module)
+
+    with pytest.raises(ValueError, match=r"^1\.1 \(LayerNorm\): no replacement for this one"):
+        replace_module_classes(model, {nn.LayerNorm: policy})
+    assert [type(m) for m in model.modules()] == before
+
+
 def test_new_parameters_join_optimizer():
     class WithScale(nn.LayerNorm):
         def __init__(self, *args, **kwargs):

@@ -69,7 +69,7 @@ class SeededDropout(nn.Module):
         """
         if not isinstance(module, nn.Dropout):
             raise TypeError(f"module must be an nn.Dropout, got {type(module).__name__}")
-        new = cls(module.p, inplace=module.inplace, seed=seed)
+        new = cls(float(module.p), inplace=module.inplace, seed=seed)  # nn.Dropout takes NumPy floats too
         return new.train(module.training)
 
     def forward(self, x: Tensor) -> Tensor:
