@@ -238,8 +238,9 @@ def test_bad_arguments_are_rejected_everywhere(kwargs, error, message):
 
 
 def test_bad_run_length_is_rejected():
-    with pytest.raises(ValueError, match="max_epoch"):
-        GyroDropout(max_epoch=0)
+    for max_epoch in (0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="max_epoch"):
+            GyroDropout(max_epoch=max_epoch)
     with pytest.raises(ValueError, match="iters_per_epoch"):
         GyroDropout(iters_per_epoch=0)
 

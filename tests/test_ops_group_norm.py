@@ -304,7 +304,11 @@ def test_unknown_compiled_group_norm_path_is_an_error(monkeypatch):
         (dict(num_groups=0), ValueError),
         (dict(activation="gelu"), ValueError),
         (dict(eps=0.0), ValueError),
+        (dict(eps=float("inf")), ValueError),
+        (dict(eps="1e-5"), TypeError),
         (dict(weight=torch.ones(5)), ValueError),
+        (dict(weight=[1.0] * 6), TypeError),
+        (dict(bias=torch.ones(6, device="meta")), ValueError),  # another device
         (dict(out_dtype=torch.int32), TypeError),
     ],
 )
@@ -314,6 +318,19 @@ def test_rejects_bad_arguments(kwargs, error):
         group_norm(torch.randn(2, 6, 3), **args)
     with pytest.raises(TypeError, match="x"):
         group_norm(torch.ones(2, 6, 3, dtype=torch.int64), 3)
+
+
+@pytest.mark.parametrize("shape", [(0, 6, 2, 2), (2, 6, 0)])
+@pytest.mark.parametrize("silu", [False, True])
+def test_empty_inputs_give_empty_outputs_and_zero_parameter_gradients(shape, silu):
+    """As nn.GroupNorm does: an empty batch (say, the last one of a filtered loader) or no positions."""
+    x = torch.randn(shape, requires_grad=True)
+    w, b = torch.randn(6, requires_grad=True), torch.randn(6, requires_grad=True)
+    y = group_norm(x, 3, w, b, activation="silu" if silu else None)
+    assert y.shape == shape
+    y.sum().backward()
+    assert x.grad.shape == shape
+    assert torch.equal(w.grad, torch.zeros(6)) and torch.equal(b.grad, torch.zeros(6))
 
 
 def test_layout_strides_are_memoized_and_match_the_tensor():

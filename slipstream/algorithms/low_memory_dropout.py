@@ -13,7 +13,8 @@ __all__ = ["LowMemoryDropout"]
 class LowMemoryDropout(SurgeryAlgorithm):
     """Swap ``nn.Dropout`` for :class:`~slipstream.nn.SeededDropout` at init.
 
-    The seed streams are in the model's ``state_dict``, so the Trainer's checkpoints resume them.
+    The seed streams are run state, not ``state_dict`` entries (:mod:`slipstream.nn.run_state`); the
+    Trainer's checkpoints save and resume them.
 
     Args:
         seed: ``None`` keys each module from torch's global RNG; an int keys module ``i`` with

@@ -64,8 +64,8 @@ def _check_run_length(iters_per_epoch: int, max_epoch: Union[int, float]) -> Non
     _check_positive_int(iters_per_epoch, "iters_per_epoch")
     if isinstance(max_epoch, bool) or not isinstance(max_epoch, (int, float)):
         raise TypeError(f"max_epoch must be a positive number, got {type(max_epoch).__name__}")
-    if not max_epoch > 0:
-        raise ValueError(f"max_epoch must be > 0, got {max_epoch}")
+    if not 0 < max_epoch < math.inf:
+        raise ValueError(f"max_epoch must be a finite number > 0, got {max_epoch}")
 
 
 def _permutation_walk(sigma: int, tau: int, n_sets: int, generator: torch.Generator) -> torch.Tensor:

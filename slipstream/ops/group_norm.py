@@ -15,6 +15,8 @@ dims do not flatten to one stride (a strided slice) is copied once, contiguously
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
@@ -39,8 +41,13 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 def _normalized(x: Tensor, num_groups: int, mean: Tensor, rstd: Tensor) -> Tensor:
     """(x - mean) * rstd per group, as an (N, C, S) tensor in the statistics' dtype."""
     n, c = x.shape[:2]
-    grouped = x.reshape(n, num_groups, -1).to(mean.dtype)
-    return ((grouped - mean[..., None]) * rstd[..., None]).reshape(n, c, -1)
+    grouped = _by_group(x, num_groups).to(mean.dtype)
+    return ((grouped - mean[..., None]) * rstd[..., None]).reshape(n, c, math.prod(x.shape[2:]))
+
+
+def _by_group(t: Tensor, num_groups: int) -> Tensor:
+    """An (N, C, *) tensor as (N, G, elements of a group); sizes spelled out, so an empty batch reshapes too."""
+    return t.reshape(t.shape[0], num_groups, t.shape[1] // num_groups * math.prod(t.shape[2:]))
 
 
 def _per_channel(t: Optional[Tensor], default: float, like: Tensor) -> Tensor:
@@ -76,9 +83,11 @@ def group_norm_reference(
         >>> y.shape, mean.shape
         (torch.Size([2, 4, 3]), torch.Size([2, 2]))
     """
-    n = x.shape[0]
-    grouped = x.reshape(n, num_groups, -1).to(_compute_dtype(x))
-    var, mean = torch.var_mean(grouped, dim=-1, unbiased=False)
+    grouped = _by_group(x, num_groups).to(_compute_dtype(x))
+    if grouped.numel() == 0:  # nothing to normalize (var_mean would warn of zero degrees of freedom)
+        var = mean = grouped.new_zeros(grouped.shape[:2])
+    else:
+        var, mean = torch.var_mean(grouped, dim=-1, unbiased=False)
     rstd = torch.rsqrt(var + eps)
     z = _normalized(x, num_groups, mean, rstd) * _per_channel(weight, 1.0, mean) + _per_channel(bias, 0.0, mean)
     if silu:
@@ -107,7 +116,6 @@ def group_norm_backward_reference(
         >>> dx.shape, dw
         (torch.Size([2, 4, 3]), None)
     """
-    n = x.shape[0]
     xhat = _normalized(x, num_groups, mean, rstd)
     w = _per_channel(weight, 1.0, mean)
     g = dy.reshape(xhat.shape).to(mean.dtype)
@@ -117,7 +125,7 @@ def group_norm_backward_reference(
         g = g * sig * (1 + z * (1 - sig))
     dweight = None if weight is None else (g * xhat).sum(dim=(0, 2)).to(weight.dtype)
     dbias = None if bias is None else g.sum(dim=(0, 2)).to(bias.dtype)
-    gw = (g * w).reshape(n, num_groups, -1)
+    gw = _by_group(g * w, num_groups)
     xhat = xhat.reshape(gw.shape)
     dx = (gw - gw.mean(-1, keepdim=True) - xhat * (gw * xhat).mean(-1, keepdim=True)) * rstd[..., None]
     return _in_layout_of(x, dx, x.dtype), dweight, dbias
@@ -265,11 +273,19 @@ def _validate(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Option
         raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
     _check_x(x, num_groups)
     for name, param in (("weight", weight), ("bias", bias)):
-        if param is not None and (param.shape != (x.shape[1],) or not param.is_floating_point()):
+        if param is None:
+            continue
+        if not isinstance(param, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(param).__name__}")
+        if param.shape != (x.shape[1],) or not param.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor of shape ({x.shape[1]},), got "
                              f"{param.dtype} {tuple(param.shape)}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
+        if param.device != x.device:
+            raise ValueError(f"{name} must be on x's device ({x.device}), got {param.device}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a number > 0, got {type(eps).__name__} {eps!r}")
+    if not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     check_activation(activation)
     if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
         raise TypeError(f"out_dtype must be a floating-point torch.dtype or None, got {out_dtype!r}")

@@ -184,7 +184,9 @@ def with_split(config: TileConfig, m: int, n: int, r: int, sm_count: int) -> Til
 def choose_config(m: int, n: int, r: int, transposed: bool, dtype: torch.dtype, sm_count: int) -> TileConfig:
     """The tile shape for an ``(m x r) @ (r x n)`` projection (or transpose) on a GPU with ``sm_count`` SMs.
 
-    Example:
+    Under Triton's interpreter, small fixed tiles instead (the interpreter's cost grows with tile size).
+
+    Example (compiled kernels):
         >>> choose_config(4096, 1024, 65536, False, torch.bfloat16, 132)
         TileConfig(block_m=128, block_n=128, block_r=64, num_warps=8, num_stages=3, split=1)
     """
