@@ -18,9 +18,9 @@ Example:
 compiled_layer_norm = "inductor"
 
 #: What ``torch.compile`` traces for :func:`slipstream.ops.group_norm` (FusedGroupNorm, and
-#: LPGroupNorm on CUDA). ``"inductor"`` (default): the PyTorch fallback's math
-#: (:func:`slipstream.ops.group_norm_reference`: fp32 statistics, output in its own dtype and the
-#: input's layout), which Inductor fuses with its neighbours. ``"kernel"``: slipstream's custom ops,
+#: LPGroupNorm on CUDA). ``"inductor"`` (default): ``F.group_norm`` in fp32 with the output cast to
+#: its own dtype (the input's layout), which Inductor lowers with its own GroupNorm decomposition and
+#: fuses with its neighbours. ``"kernel"``: slipstream's custom ops,
 #: which run our Triton kernels through the dispatcher and our Python launcher on every call. In
 #: resnet50_gn on the H200 machine the custom ops' host time made all methods + compile slower than
 #: compile alone (107 against 26 ms a step, with graph breaks since fixed; docs/benchmarks.md, H200
