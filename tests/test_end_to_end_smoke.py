@@ -43,8 +43,6 @@ def test_surgery_report_counts_the_layernorms(gpt2_result):
 
 
 def test_numbers_are_sane(gpt2_result):
-    from benchmarks.end_to_end_training import FINAL_LOSS_STEPS
-
     result, out = gpt2_result
     eager, all_methods = result["configs"]
     assert result["loss_steps"] == 1 + 2 * (2 + 2)  # warm-up + rounds x (round warm-up + timed)
@@ -57,9 +55,10 @@ def test_numbers_are_sane(gpt2_result):
         assert 1.0 < config["final_loss"] < math.log(256) + 1
         losses = config["step_losses"]
         assert len(losses) == result["loss_steps"] and all(math.isfinite(v) for v in losses)
-        assert config["final_loss"] == pytest.approx(sum(losses[-FINAL_LOSS_STEPS:]) / FINAL_LOSS_STEPS)
-    # Same weights and batches; low-precision norms move the loss by rounding, not more.
-    assert abs(all_methods["final_loss"] - eager["final_loss"]) < 0.05 * eager["final_loss"]
+    # Same weights and batches; low-precision norms move the loss by rounding, not more (measured: 0.07%;
+    # norms that did not normalize moved it 1.9%).
+    for with_methods, without in zip(all_methods["step_losses"], eager["step_losses"]):
+        assert abs(with_methods - without) < 5e-3 * without
     text = (out / "e2e.md").read_text()
     assert "### gpt2" in text and "| eager |" in text and "all methods vs eager" in text
     assert (out / "e2e.json").stat().st_size > 0

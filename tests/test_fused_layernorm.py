@@ -190,3 +190,27 @@ def test_module_checks_its_input():
         ln(torch.randn(2, 6))
     with pytest.raises(TypeError, match="dtype"):
         ln(torch.ones(2, 8, dtype=torch.int64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel path of LPLayerNorm runs on CUDA")
+def test_lp_layernorm_uses_kernel_on_cuda():
+    """Under autocast on CUDA, LPLayerNorm reads the fp32 residual stream and writes bf16 in one kernel."""
+    from slipstream.nn import LPLayerNorm
+
+    ln = LPLayerNorm(48).cuda()
+    with torch.no_grad():
+        ln.weight.normal_(1.0, 0.5), ln.bias.normal_()
+    x = torch.randn(4, 7, 48, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = ln(x)
+    assert y.dtype == torch.bfloat16
+    x64 = x.detach().double().requires_grad_()
+    w64, b64 = ln.weight.detach().double().requires_grad_(), ln.bias.detach().double().requires_grad_()
+    ref = F.layer_norm(x64, (48,), w64, b64, ln.eps)
+    assert float((y.double() - ref).norm() / ref.norm()) < 2e-2
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref.backward(dy.double())
+    for got, expected in ((x.grad, x64.grad), (ln.weight.grad, w64.grad), (ln.bias.grad, b64.grad)):
+        assert got.dtype == torch.float32
+        assert float((got.double() - expected).norm() / expected.norm()) < 2e-2

@@ -117,13 +117,14 @@ def check_kernels_at_tile(x, groups, tile):
 # ragged last chunks; several groups per tile where groups are small; channels_last with several
 # group blocks, channel chunks and position chunks at once; channels_last rows of whole groups of a
 # width that is not a power of two, the last group block only partly filled; a ragged channel chunk;
-# rows of several whole groups without a channel mask.
+# rows of several whole groups without a channel mask; 188 partials a set, more than one combine block
+# (COMBINE_BLOCK) holds, so blocks merge by Chan's formula.
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "shape,groups,channels_last,tile",
     [((2, 6, 3, 5), 2, False, 4), ((2, 6, 3, 5), 2, True, 4), ((2, 12, 3, 3), 6, True, 8), ((1, 10, 3, 5), 2, False, 8),
      ((2, 128, 1, 5), 2, True, 16), ((2, 35, 4, 3), 7, True, 64), ((2, 20, 3, 5), 1, True, 8),
-     ((2, 32, 4, 4), 8, True, 32)],
+     ((2, 32, 4, 4), 8, True, 32), ((1, 2, 50, 60), 2, False, 16)],
 )
 def test_sets_of_many_programs(device, shape, groups, channels_last, tile):
     if not use_triton(torch.empty(0, device=device)):
@@ -205,6 +206,41 @@ def test_large_mean_small_spread(device):
     y = group_norm(x, 2)
     ref_y, _ = float64_reference(x, 2, None, None, 1e-5, False, dy)
     assert rel_err(y.cpu(), ref_y) < 2e-3  # the fp32 mean itself is rounded by ~300 * 2**-24 / 0.1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,groups,tile", [((2, 8, 6, 6), 2, 16), ((1, 2, 50, 60), 2, 16)])
+def test_large_mean_small_spread_across_many_partials(device, shape, groups, tile):
+    """The same through sets of many programs: tile partials, then blocks of them, merge centred (Chan)."""
+    if not use_triton(torch.empty(0, device=device)):
+        pytest.skip("kernels run on CUDA or under TRITON_INTERPRET=1")
+    from slipstream.ops.kernels import group_norm as kernels
+
+    x = make_input(shape, torch.float32, False, device, scale=0.1, shift=300.0)
+    y = kernels.forward(x, None, None, groups, 1e-5, False, x.dtype, tile=tile)[0]
+    ref_y, _ = float64_reference(x, groups, None, None, 1e-5, False, torch.randn_like(x))
+    assert rel_err(y.cpu(), ref_y) < 2e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tile", [None, 16])  # one program a group; sets of programs whose statistics combine
+def test_eps_where_groups_barely_vary(device, tile):
+    """Groups of variance ~0.001 with eps = 0.1: eps dominates the denominator, forward and backward."""
+    if tile is not None and not use_triton(torch.empty(0, device=device)):
+        pytest.skip("kernels run on CUDA or under TRITON_INTERPRET=1")
+    from slipstream.ops.kernels import group_norm as kernels
+
+    x = make_input((2, 8, 6, 6), torch.float32, False, device, scale=0.03)
+    dy = torch.randn_like(x)
+    if tile is None:
+        leaf = x.detach().requires_grad_()
+        y = group_norm(leaf, 2, eps=0.1)
+        (dx,) = torch.autograd.grad(y, leaf, dy)
+    else:
+        y, mean, rstd = kernels.forward(x, None, None, 2, 0.1, False, x.dtype, tile=tile)
+        dx = kernels.backward(dy, x, None, None, mean, rstd, 2, False, tile=tile)[0]
+    ref_y, (ref_dx, _, _) = float64_reference(x, 2, None, None, 0.1, False, dy)
+    assert rel_err(y.detach().cpu(), ref_y) < 1e-5 and rel_err(dx.cpu(), ref_dx) < 1e-5
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -25,16 +25,16 @@ def random_case(shape, normalized_shape, dtype, param_dtype=None, affine=True, b
     return x, w, b, dy
 
 
-def check_against_float64(x, w, b, dy, normalized_shape, tol, out_dtype=None, dy_dtype=None):
+def check_against_float64(x, w, b, dy, normalized_shape, tol, out_dtype=None, dy_dtype=None, eps=1e-5):
     leaves = [t for t in (x, w, b) if t is not None]
-    y = layer_norm(x, normalized_shape, w, b, 1e-5, out_dtype=out_dtype)
+    y = layer_norm(x, normalized_shape, w, b, eps, out_dtype=out_dtype)
     assert y.dtype == (out_dtype or x.dtype) and y.shape == x.shape
     grads = torch.autograd.grad(y, leaves, dy.to(dy_dtype or y.dtype))
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     x64 = leaves64[0]
     w64 = leaves64[1] if w is not None else None
     b64 = leaves64[-1] if b is not None else None
-    y64 = F.layer_norm(x64, normalized_shape, w64, b64, 1e-5)
+    y64 = F.layer_norm(x64, normalized_shape, w64, b64, eps)
     grads64 = torch.autograd.grad(y64, leaves64, dy.to(dy_dtype or y.dtype).double())
     assert rel_err(y, y64) < tol
     for leaf, g, g64 in zip(leaves, grads, grads64):
@@ -101,10 +101,26 @@ def test_strided_weights_and_odd_strides_of_size_one_dims():
 def test_broadcast_gradient():
     x, w, b, _ = random_case((4, 50), (50,), torch.float32)
     layer_norm(x, (50,), w, b).sum().backward()  # dy is an expanded tensor of stride 0
-    x64 = x.detach().double().requires_grad_()
-    F.layer_norm(x64, (50,), w.detach().double(), b.detach().double()).sum().backward()
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    F.layer_norm(x64, (50,), w64, b.detach().double()).sum().backward()
     assert rel_err(x.grad, x64.grad) < 1e-5
+    assert rel_err(w.grad, w64.grad) < 1e-5
     assert rel_err(b.grad, torch.full((50,), 4.0, dtype=torch.float64)) < 1e-6
+
+
+# Rows of variance ~0.01 with eps = 0.1: eps dominates the denominator, so a kernel that dropped it would fail.
+@pytest.mark.parametrize("n", [33, 300])
+def test_eps_where_rows_barely_vary(n):
+    x, w, b, dy = random_case((5, n), (n,), torch.float32)
+    x = (x.detach() * 0.03).requires_grad_()
+    check_against_float64(x, w, b, dy, (n,), 1e-5, eps=0.1)
+
+
+def test_eps_in_the_fallback():
+    x = torch.randn(6, 40, dtype=torch.float64) * 0.03
+    y, _, rstd = layer_norm_forward_reference(x, None, None, 0.1, torch.float64)
+    assert rel_err(y, F.layer_norm(x, (40,), eps=0.1)) < 1e-12
+    assert rel_err(rstd, torch.rsqrt(x.var(1, unbiased=False) + 0.1)) < 1e-12
 
 
 @pytest.mark.parametrize("affine,bias", [(False, False), (True, False)])
@@ -143,10 +159,12 @@ def test_kernel_paths_with_small_tilings():
     """Force the looped forward and the column-tiled backward on small rows, with masked tails."""
     from slipstream.ops.kernels import layer_norm as kernels
 
-    for m, n in [(1, 70), (11, 100)]:
+    for m, n, eps in [(1, 70, 1e-5), (11, 100, 1e-5), (11, 100, 0.1)]:
         x, w, b, dy = (t.detach() for t in random_case((m, n), (n,), torch.float32))
-        y, stats = kernels.forward(x, w, b, 1e-5, torch.float32, kernels.Tiling(1, 32, 4))
-        ref_y, ref_mean, ref_rstd = layer_norm_forward_reference(x.double(), w, b, 1e-5, torch.float64)
+        if eps > 1e-3:  # rows of variance ~0.01, where eps matters
+            x = x * 0.03
+        y, stats = kernels.forward(x, w, b, eps, torch.float32, kernels.Tiling(1, 32, 4))
+        ref_y, ref_mean, ref_rstd = layer_norm_forward_reference(x.double(), w, b, eps, torch.float64)
         assert rel_err(y, ref_y) < 1e-6 and rel_err(stats[0], ref_mean) < 1e-6 and rel_err(stats[1], ref_rstd) < 1e-6
         dx, dw, db = kernels.backward(dy, x, w, stats, b.dtype, kernels.Tiling(2, 32, 4, 1))
         ref = layer_norm_backward_reference(dy.double(), x.double(), w.double(), ref_mean, ref_rstd, torch.float64)

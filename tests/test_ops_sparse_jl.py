@@ -59,10 +59,11 @@ def test_kernel_wide_blocks_and_split_reduction(sparsity, transposed):
 
 
 @requires_interpreter
-def test_op_runs_kernel_with_strides_and_gradient():
+def test_op_runs_kernel_with_strides_and_gradient(launched_kernels):
     x = torch.randn(6, 2 * 130)[:, ::2].requires_grad_()  # non-contiguous rows
     y = sparse_jl(x, 90, seed=3)
     (dx,) = torch.autograd.grad(y, x, torch.ones_like(y) * torch.linspace(-1, 2, 90))
+    assert launched_kernels == ["_projection_kernel"] * 2  # forward and backward, not the fallback
     s = sparse_jl_matrix(130, 90, 3, dtype=torch.float64)
     assert rel_err(y, x.detach().double() @ s) < 1e-5
     assert rel_err(dx, (torch.ones(6, 90) * torch.linspace(-1, 2, 90)).double() @ s.T) < 1e-5

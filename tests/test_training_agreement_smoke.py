@@ -27,5 +27,6 @@ def test_every_run_trains_and_the_kernels_agree_with_fallbacks(tmp_path):
     assert all(1.0 < v < math.log(256) + 1 for v in losses)
     check = [line.split("|")[1:-1] for line in checks.splitlines() if line.startswith("| 0 ")][0]
     kernels, fallback = (float(v) for v in check[1].split("/"))
-    assert abs(kernels - fallback) < 1e-2 * fallback
-    assert float(check[2]) < 5e-2 and check[5].strip() == "0"
+    assert abs(kernels - fallback) < 2e-3 * fallback
+    # The whole gradient, and the parameter that differs most (a wrong dB of one norm shows only there).
+    assert float(check[2]) < 5e-2 and float(check[4]) < 5e-2 and check[5].strip() == "0"
