@@ -246,7 +246,9 @@ def apply_fused_groupnorm(
     contiguous and channels_last inputs in place; under autocast they write the autocast dtype) and
     its pure-PyTorch fallback elsewhere. With ``fuse_silu``, an ``nn.SiLU`` directly after a replaced
     norm in an ``nn.Sequential`` is folded into the norm's kernels (see
-    :func:`~slipstream.nn.fuse_silu_into_group_norms`) and its place holds an ``nn.Identity``.
+    :func:`~slipstream.nn.fuse_silu_into_group_norms`) and its place holds an ``nn.Identity``: the
+    Sequential computes what it did, but the norm module alone now returns ``silu(norm(x))``. Pass
+    ``fuse_silu=False`` if your code calls the norm by itself (say, to read features).
 
     Args:
         model: model to modify in place.

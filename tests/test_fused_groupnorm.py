@@ -10,7 +10,7 @@ from torch import nn
 import slipstream.functional as sf
 from slipstream.algorithms import Event, FusedGroupNorm as FusedGroupNormAlgorithm, State
 from slipstream.nn import FusedGroupNorm, LPGroupNorm, fuse_silu_into_group_norms
-from slipstream.surgery import NoEffectWarning
+from slipstream.surgery import NoEffectWarning, SurgeryWarning
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -145,3 +145,15 @@ def test_module_checks_its_input():
     gn.activation = "relu"  # set after construction, past the constructor's check
     with pytest.raises(ValueError, match="activation='relu'"):
         gn(torch.randn(2, 4, 3))
+
+
+def test_timm_group_norm_with_fast_norm_is_left_alone():
+    """timm's GroupNorm is registered as nn.GroupNorm's math, except with its fast norm on (autocast-dtype math)."""
+    TimmGroupNorm = type("GroupNorm", (nn.GroupNorm,), {})
+    TimmGroupNorm.__module__ = "timm.layers.norm"
+    fast, plain = TimmGroupNorm(2, 4), TimmGroupNorm(2, 4)
+    fast._fast_norm, plain._fast_norm = True, False
+    model = nn.Sequential(fast, plain)
+    with pytest.warns(SurgeryWarning, match="fast norm"):
+        replaced = sf.apply_fused_groupnorm(model)
+    assert list(replaced) == [plain] and model[0] is fast and type(model[1]) is FusedGroupNorm

@@ -165,11 +165,16 @@ def test_fused_layer_norm_2d_checks_rank_and_matches_float64():
     with torch.no_grad():
         norm.weight.normal_(1.0, 0.3)
         norm.bias.normal_(0.0, 0.3)
-    x = (torch.randn(2, 5, 3, 4) * 2 + 1).contiguous(memory_format=torch.channels_last)
-    x64 = x.double().requires_grad_()
-    ref = F.layer_norm(x64.permute(0, 2, 3, 1), (5,), norm.weight.double(), norm.bias.double()).permute(0, 3, 1, 2)
+    x = (torch.randn(2, 5, 3, 4) * 2 + 1).contiguous(memory_format=torch.channels_last).requires_grad_()
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, norm.weight, norm.bias)]
+    ref = F.layer_norm(leaves64[0].permute(0, 2, 3, 1), (5,), leaves64[1], leaves64[2]).permute(0, 3, 1, 2)
     out = norm(x)
     assert float((out.double() - ref).norm() / ref.norm()) < 1e-6
+    dy = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, norm.weight, norm.bias), dy)
+    ref_grads = torch.autograd.grad(ref, leaves64, dy.double())
+    for got, expected in zip(grads, ref_grads):  # dx, dW, dB
+        assert float((got.double() - expected).norm() / expected.norm()) < 1e-5
     with pytest.raises(ValueError, match="NCHW"):
         norm(torch.randn(2, 5))
 

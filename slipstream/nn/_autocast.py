@@ -1,10 +1,14 @@
-"""Autocast helpers shared by the low-precision modules."""
+"""Autocast helpers shared by the low-precision and fused norm modules."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
+from torch import nn
+
+from slipstream.surgery import SurgeryWarning
 
 
 def active_autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
@@ -18,3 +22,19 @@ def active_autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
 def cast_optional(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     """``t.to(dtype)``, passing None through (norms without affine parameters)."""
     return None if t is None else t.to(dtype)
+
+
+def uses_timm_fast_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a timm norm with timm's "fast norm" on (then warn that surgery leaves it alone).
+
+    Such a norm computes in the autocast dtype, where the fused norms compute in fp32: other math.
+    """
+    if getattr(module, "_fast_norm", False):
+        warnings.warn(
+            f"surgery left {type(module).__name__} alone: timm's fast norm is on for it, which computes in the "
+            "autocast dtype, and the fused norm computes in fp32",
+            SurgeryWarning,
+            stacklevel=5,
+        )
+        return True
+    return False

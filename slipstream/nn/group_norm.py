@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slipstream.nn._autocast import active_autocast_dtype, cast_optional
+from slipstream.nn._autocast import active_autocast_dtype, cast_optional, uses_timm_fast_norm
 from slipstream.ops._backend import triton_available
 from slipstream.ops.group_norm import check_activation, group_norm_of_module
 
@@ -90,9 +90,12 @@ class FusedGroupNorm(nn.GroupNorm):
         self.activation = activation
 
     @classmethod
-    def from_module(cls, module: nn.GroupNorm, activation: Optional[str] = None) -> "FusedGroupNorm":
-        """A replacement with ``module``'s configuration (surgery then adopts its Parameters)."""
-        return cls(**_group_norm_config(module), activation=activation)
+    def from_module(cls, module: nn.GroupNorm, activation: Optional[str] = None) -> Optional["FusedGroupNorm"]:
+        """A replacement with ``module``'s configuration (surgery then adopts its Parameters).
+
+        None (with a SurgeryWarning) for a timm norm whose fast norm is on: it computes other math.
+        """
+        return None if uses_timm_fast_norm(module) else cls(**_group_norm_config(module), activation=activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return group_norm_of_module(self, x, self.activation, active_autocast_dtype(x))

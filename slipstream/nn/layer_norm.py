@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slipstream.nn._autocast import active_autocast_dtype, cast_optional
+from slipstream.nn._autocast import active_autocast_dtype, cast_optional, uses_timm_fast_norm
 from slipstream.ops._backend import triton_available
 from slipstream.ops.layer_norm import layer_norm_of_module
-from slipstream.surgery import SurgeryWarning
 
 __all__ = ["LPLayerNorm", "FusedLayerNorm", "FusedLayerNorm2d", "CHANNELS_FIRST_LAYER_NORMS"]
 
@@ -20,19 +18,6 @@ __all__ = ["LPLayerNorm", "FusedLayerNorm", "FusedLayerNorm2d", "CHANNELS_FIRST_
 #: dim 1 of an NCHW tensor (``permute(0, 2, 3, 1)``, layer_norm over the last dim, permute back).
 #: :func:`slipstream.functional.apply_fused_layernorm` swaps them for :class:`FusedLayerNorm2d`.
 CHANNELS_FIRST_LAYER_NORMS = ("timm.layers.norm.LayerNorm2d", "timm.models.layers.norm.LayerNorm2d")
-
-
-def _uses_timm_fast_norm(module: nn.Module) -> bool:
-    """timm's norms with its "fast norm" on compute in the autocast dtype: other math than ours."""
-    if getattr(module, "_fast_norm", False):
-        warnings.warn(
-            f"surgery left {type(module).__name__} alone: timm's fast norm is on for it, which computes in the "
-            "autocast dtype, and the fused norm computes in fp32",
-            SurgeryWarning,
-            stacklevel=5,
-        )
-        return True
-    return False
 
 
 def _layer_norm_config(module: nn.LayerNorm) -> dict:
@@ -103,7 +88,7 @@ class FusedLayerNorm(nn.LayerNorm):
 
         None (with a SurgeryWarning) for a timm norm whose fast norm is on: it computes other math.
         """
-        return None if _uses_timm_fast_norm(module) else cls(**_layer_norm_config(module))
+        return None if uses_timm_fast_norm(module) else cls(**_layer_norm_config(module))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return layer_norm_of_module(self, x, active_autocast_dtype(x))
