@@ -245,6 +245,7 @@ def test_torch_compile_has_no_graph_breaks_and_same_numerics():
         (dict(weight=torch.ones(5)), ValueError),
         (dict(bias="zeros"), TypeError),
         (dict(eps=-1.0), ValueError),
+        (dict(eps="1e-5"), TypeError),
         (dict(out_dtype=torch.int8), TypeError),
     ],
 )

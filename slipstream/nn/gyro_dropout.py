@@ -212,7 +212,8 @@ class GyroDropout(nn.Module):
             >>> GyroDropout.from_module(nn.Dropout(0.1), sigma=16, tau=4, seed=0).p
             0.1
         """
-        return cls(float(module.p) if p is None else p, sigma, tau, iters_per_epoch, max_epoch, seed, advance_on_forward)
+        p = float(module.p) if p is None else p  # nn.Dropout takes NumPy floats too
+        return cls(p, sigma, tau, iters_per_epoch, max_epoch, seed, advance_on_forward)
 
     # ----- schedule -------------------------------------------------------------------------------
 

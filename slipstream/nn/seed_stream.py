@@ -133,7 +133,7 @@ class SeedStream:
     def _reset_replay(self) -> None:
         self._start_phase()
         self._replay_task = -1  # graph task replaying the phase, the node that triggered it, position
-        self._replay_node: Any = None  # never pickled (see __getstate__): autograd nodes cannot be
+        self._replay_node: Any = None  # left out of pickles (see __getstate__): autograd nodes cannot be pickled
         self._replay_cursor = 0
 
     def _start_phase(self) -> None:

@@ -137,7 +137,9 @@ def _validate(
             raise ValueError(f"{name}.shape must equal normalized_shape={shape}, got {tuple(param.shape)}")
         if param.dtype not in _FLOAT_DTYPES or param.device != x.device:
             raise TypeError(f"{name} must be a floating tensor on {x.device}, got {param.dtype} on {param.device}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0 or math.isinf(eps):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a number >= 0, got {type(eps).__name__} {eps!r}")
+    if not eps >= 0 or math.isinf(eps):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be None or one of {_FLOAT_DTYPES}, got {out_dtype!r}")
