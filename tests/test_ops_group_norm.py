@@ -325,6 +325,24 @@ def test_compiled_bf16_output_keeps_dtype_and_layout():
     assert torch.allclose(y.float(), F.group_norm(x, 3), atol=1e-2)
 
 
+def test_compiled_inductor_path_is_aten_group_norm():
+    """Compiled code holds F.group_norm, which Inductor lowers (forward and backward) as it does without us,
+    not the fallback's tensor ops (with those, resnet50_gn's compiled step ran 0.64x of compile alone)."""
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: group_norm(t, 3, activation="silu", out_dtype=torch.bfloat16),
+                             backend=capture, fullgraph=True)
+    compiled(torch.randn(2, 6, 4, 4).to(memory_format=torch.channels_last))
+    called = {getattr(node.target, "__name__", str(node.target)) for node in graphs[0].graph.nodes
+              if node.op in ("call_function", "call_method")}
+    assert "group_norm" in called and "var_mean" not in called and "copy_" not in called
+
+
 def test_unknown_compiled_group_norm_path_is_an_error(monkeypatch):
     monkeypatch.setattr("slipstream.config.compiled_group_norm", "fast")
     torch._dynamo.reset()
