@@ -13,7 +13,7 @@ Rules (see ``ARCHITECTURE.md``):
   them), so an optimizer built before surgery keeps working and ``state_dict`` keys are identical in
   both directions. A module whose state the replacement cannot hold is left alone with a
   :class:`SurgeryWarning`: one with parametrizations (``torch.nn.utils.parametrize``), submodules,
-  extra state, or parameters and buffers of names the replacement lacks.
+  extra state, state_dict hooks, or parameters and buffers of names the replacement lacks.
 * A module reachable from several parents is replaced once; every parent gets the same new module.
 * Every replacement is built before any is put in place: if a policy raises (its error names the
   module's path in the model), the model is left unchanged.
@@ -130,6 +130,9 @@ _HOOK_TABLES = (
     "_forward_pre_hooks_with_kwargs",
     "_backward_hooks",
     "_backward_pre_hooks",
+)
+# Not carried over: load_state_dict pre-hooks hold a weak reference to the module they were registered on.
+_STATE_DICT_HOOK_TABLES = (
     "_state_dict_hooks",
     "_state_dict_pre_hooks",
     "_load_state_dict_pre_hooks",
@@ -147,6 +150,8 @@ def _state_left_behind(old: nn.Module, new: nn.Module) -> Optional[str]:
         return f"it has submodules ({', '.join(old._modules)}), which the replacement would drop"
     if type(old).get_extra_state is not nn.Module.get_extra_state:
         return "it defines get_extra_state, which the replacement would drop"
+    if any(getattr(old, table, None) for table in _STATE_DICT_HOOK_TABLES):
+        return "it has state_dict or load_state_dict hooks, which are bound to it"
     for kind, own, theirs in (("parameters", old._parameters, new._parameters),
                               ("buffers", old._buffers, new._buffers)):
         missing = [name for name, value in own.items() if value is not None and theirs.get(name) is None]

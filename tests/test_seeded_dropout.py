@@ -241,6 +241,38 @@ def test_a_no_grad_training_forward_does_not_shift_the_checkpoint_replay(when):
     assert all(torch.allclose(p.grad, g) for p, g in zip(model.parameters(), plain))
 
 
+def test_a_call_with_gradients_beside_a_reentrant_region_does_not_shift_its_replay():
+    """One module inside a reentrant region (drawn without gradients) and after it (with them), in one step."""
+    drop, linear = SeededDropout(0.3, seed=1), nn.Linear(16, 16)
+    x = torch.randn(8, 16, requires_grad=True)
+    weights = torch.randn(8, 16)  # a loss whose gradient depends on both masks
+
+    def step(checkpointed):
+        drop.load_run_state({"key": 1, "calls": 0})
+        linear.zero_grad()
+        block = lambda h: drop(linear(h))  # noqa: E731
+        h = checkpoint(block, x, use_reentrant=True, preserve_rng_state=False) if checkpointed else block(x)
+        out = drop(h)
+        (out * weights).sum().backward()
+        return out.detach(), linear.weight.grad.clone()
+
+    (plain_out, plain_grad), (ck_out, ck_grad) = step(False), step(True)
+    assert torch.equal(plain_out, ck_out) and torch.allclose(plain_grad, ck_grad)
+
+
+def test_a_phase_keeps_a_bounded_number_of_runs():
+    """A module no backward reaches, called alternately with and without gradients, keeps bounded state."""
+    from slipstream.nn.seed_stream import MAX_PHASE_RUNS
+
+    stream = SeedStream(key=0)
+    for _ in range(MAX_PHASE_RUNS + 10):
+        stream.next()
+        with torch.no_grad():
+            stream.next()
+    assert all(len(runs) == MAX_PHASE_RUNS for runs in stream._phase_draws.values())
+    assert stream.state_dict()["calls"] == 2 * (MAX_PHASE_RUNS + 10)
+
+
 def test_a_model_copies_and_pickles_after_a_checkpointed_backward():
     model = nn.Sequential(Block(1))
     x = torch.randn(3, 12, requires_grad=True)

@@ -198,11 +198,17 @@ class ExtraStateLN(nn.LayerNorm):
         pass
 
 
+def _with_load_hook(module):
+    module.register_load_state_dict_pre_hook(lambda *args: None)
+    return module
+
+
 @pytest.mark.parametrize("make, reason", [
     (lambda: torch.nn.utils.parametrize.register_parametrization(nn.LayerNorm(6), "weight", nn.Tanh()),
      "parametrizations"),
     (lambda: CountingLN(6), r"buffers \['calls'\]"),
     (lambda: ExtraStateLN(6), "get_extra_state"),
+    (lambda: _with_load_hook(nn.LayerNorm(6)), "load_state_dict hooks"),
 ])
 def test_modules_whose_state_the_replacement_cannot_hold_are_left_alone(make, reason):
     model = nn.Sequential(nn.Linear(6, 6), make())

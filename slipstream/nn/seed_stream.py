@@ -10,13 +10,19 @@ Checkpointing: ``torch.utils.checkpoint`` re-runs a forward during backward and 
 back, with or without ``preserve_rng_state``. A call made while autograd runs a backward pass
 (``torch._C._current_graph_task_id() != -1``, the test FSDP2 and ``ModuleTracker`` use for the same
 purpose) is a recomputation: it replays the seeds drawn since the previous backward, in drawing
-order. Draws made with gradients enabled and draws made without are kept apart: a recomputation
-replays the former if there are any (a forward with gradients, checkpointed without reentrance or
-not checkpointed), else the latter (reentrant checkpointing runs its forward without gradients), so
-a ``no_grad`` call in training mode between backward passes (a metrics pass) does not shift the
-replay. That is exact when one checkpointed region holds the owner's calls (called once or several
-times in it), with ``use_reentrant`` True or False; a warning says when one backward recomputes the
-owner in several regions, whose replay order would not match. Under ``torch.compile`` the seed is a
+order. Draws made with gradients enabled and draws made without are kept apart, and a
+recomputation replays those its kind of checkpointing made: reentrant checkpointing
+(``use_reentrant=True``, recomputing from a ``CheckpointFunctionBackward`` node) runs its forward
+without gradients, so it replays the draws made without; any other recomputation replays the draws
+made with gradients (or, if there were none, those without). So a ``no_grad`` call in training mode
+between backward passes (a metrics pass) does not shift a non-reentrant replay, and a call with
+gradients outside a reentrant region does not shift its replay. That is exact when one checkpointed
+region holds the owner's calls of its kind (called once or several times in it); a ``no_grad`` call
+beside a reentrant region, or a call with gradients beside a non-reentrant one, in the same phase
+would shift the replay. A warning says when one backward recomputes the owner in several regions,
+whose replay order would not match. A phase keeps at most :data:`MAX_PHASE_RUNS` runs of consecutive
+draws of each kind (a module that no backward reaches, called alternately with and without
+gradients, would otherwise grow them without bound). Under ``torch.compile`` the seed is a
 graph value computed from the stream's state tensor by :func:`stream_seed_of_state` (plain integer
 tensor ops, no Python of ours per call), and the compiler recomputes it itself; the state
 advances by binding a new tensor, a side effect dynamo refuses inside a checkpointed region unless
@@ -27,6 +33,7 @@ setting each such region is a graph break (and runs eagerly, with correct masks)
 from __future__ import annotations
 
 import warnings
+from collections import deque
 from typing import Any, Optional, Union
 
 import torch
@@ -39,6 +46,9 @@ _ONE_CALL = torch.tensor([0, 1], dtype=torch.int64)
 _GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 _C1, _C2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # SplitMix64's multipliers
 _MASK32 = 0xFFFFFFFF
+#: Runs of consecutive draws a phase keeps of each kind (with, without gradients); older runs are dropped.
+MAX_PHASE_RUNS = 256
+_REENTRANT_CHECKPOINT_NODE = "CheckpointFunctionBackward"  # torch.utils.checkpoint's use_reentrant=True
 
 
 def stream_seed(key: int, index: int) -> int:
@@ -138,7 +148,8 @@ class SeedStream:
 
     def _start_phase(self) -> None:
         # Seed indices drawn since the last backward, as [start, stop) runs, with gradients enabled / disabled.
-        self._phase_draws: dict[bool, list[list[int]]] = {True: [], False: []}
+        self._phase_draws: dict[bool, deque[list[int]]] = {
+            True: deque(maxlen=MAX_PHASE_RUNS), False: deque(maxlen=MAX_PHASE_RUNS)}
         self._backward_seen = False
 
     def __getstate__(self) -> dict[str, Any]:
@@ -176,9 +187,10 @@ class SeedStream:
         self.state = self.state + _ONE_CALL  # a new tensor; an add costs less host time than torch.tensor
         return stream_seed(key, calls)
 
-    def _replayed_index(self, position: int) -> Optional[int]:
+    def _replayed_index(self, position: int, reentrant: bool) -> Optional[int]:
         """Index of the ``position``-th seed a recomputation replays, or None past the phase's draws."""
-        for start, stop in self._phase_draws[True] or self._phase_draws[False]:
+        with_grad, without_grad = self._phase_draws[True], self._phase_draws[False]
+        for start, stop in without_grad if reentrant else with_grad or without_grad:
             if position < stop - start:
                 return start + position
             position -= stop - start
@@ -203,7 +215,8 @@ class SeedStream:
                 stacklevel=3,
             )
         key, calls = self.state.tolist()
-        index = self._replayed_index(self._replay_cursor)
+        reentrant = node is not None and node.name() == _REENTRANT_CHECKPOINT_NODE
+        index = self._replayed_index(self._replay_cursor, reentrant)
         self._replay_cursor += 1
         if index is None:
             warnings.warn(
