@@ -16,7 +16,7 @@ from torch import nn
 from slipstream.nn import FusedGroupNorm, FusedLayerNorm, LPGroupNorm, LPLayerNorm, fuse_silu_into_group_norms
 from slipstream.nn.layer_norm import CHANNELS_FIRST_LAYER_NORMS, FusedLayerNorm2d
 from slipstream.nn.dropout import SeededDropout
-from slipstream.nn.gyro_dropout import GyroDropout, check_gyro_arguments
+from slipstream.nn.gyro_dropout import GyroDropout, check_gyro_arguments, check_run_length
 from slipstream.precision import autocast_dtype
 from slipstream.surgery import NoEffectWarning, classes_named, replace_module_classes
 
@@ -169,6 +169,7 @@ def apply_gyro_dropout(
         1
     """
     check_gyro_arguments(p, sigma, tau, p_may_be_none=True)
+    check_run_length(iters_per_epoch, max_epoch)  # also when the model has no Dropout to replace
 
     def build(module: nn.Module, index: int) -> Optional[nn.Module]:
         if p is None and module.p == 0:  # an identity stays one; nothing to train

@@ -243,6 +243,9 @@ def test_bad_run_length_is_rejected():
             GyroDropout(max_epoch=max_epoch)
     with pytest.raises(ValueError, match="iters_per_epoch"):
         GyroDropout(iters_per_epoch=0)
+    # The functional API checks them before looking at the model, so a model without Dropout fails too.
+    with pytest.raises(ValueError, match="iters_per_epoch"):
+        sf.apply_gyro_dropout(nn.Sequential(nn.Linear(2, 2)), iters_per_epoch=-5)
 
 
 # ----- functional API -----------------------------------------------------------------------------

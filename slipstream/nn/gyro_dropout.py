@@ -29,7 +29,7 @@ from torch import nn
 
 from slipstream.nn._capture import refuse_eager_cuda_graph_capture
 
-__all__ = ["GyroDropout", "check_gyro_arguments"]
+__all__ = ["GyroDropout", "check_gyro_arguments", "check_run_length"]
 
 def _check_positive_int(value: object, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -60,7 +60,16 @@ def check_gyro_arguments(p: Optional[float], sigma: int, tau: int, p_may_be_none
         raise ValueError(f"p must be in [0, 1), got {p}")
 
 
-def _check_run_length(iters_per_epoch: int, max_epoch: Union[int, float]) -> None:
+def check_run_length(iters_per_epoch: int, max_epoch: Union[int, float]) -> None:
+    """Raise ValueError/TypeError unless ``iters_per_epoch`` is an int >= 1 and ``max_epoch`` a finite number > 0.
+
+    Example:
+        >>> check_run_length(196, 100)
+        >>> check_run_length(196, 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: max_epoch must be a finite number > 0, got 0
+    """
     _check_positive_int(iters_per_epoch, "iters_per_epoch")
     if isinstance(max_epoch, bool) or not isinstance(max_epoch, (int, float)):
         raise TypeError(f"max_epoch must be a positive number, got {type(max_epoch).__name__}")
@@ -173,7 +182,7 @@ class GyroDropout(nn.Module):
     ) -> None:
         super().__init__()
         check_gyro_arguments(p, sigma, tau)
-        _check_run_length(iters_per_epoch, max_epoch)
+        check_run_length(iters_per_epoch, max_epoch)
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         elif isinstance(seed, bool) or not isinstance(seed, int):
@@ -254,7 +263,7 @@ class GyroDropout(nn.Module):
             >>> drop.iter_num
             36
         """
-        _check_run_length(iters_per_epoch, max_epoch)
+        check_run_length(iters_per_epoch, max_epoch)
         if not self.materialized:
             self.iters_per_epoch, self.max_epoch = iters_per_epoch, max_epoch
         elif round(iters_per_epoch * max_epoch) != round(self.iters_per_epoch * self.max_epoch):
