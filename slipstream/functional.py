@@ -54,8 +54,6 @@ def _replace_all(
     ``also``: more classes to match, each with its own ``build`` (subclasses of ``original`` with
     other math that have a replacement of their own).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     replaced = replace_module_classes(model, {original: build, **(also or {})}, optimizers)
     if not replaced:
         warnings.warn(f"{method}: found no {original.__name__} to replace; the model is unchanged", NoEffectWarning)
