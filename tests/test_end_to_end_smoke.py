@@ -108,6 +108,17 @@ def test_slipstream_settings_apply_inside_the_block_and_are_restored():
     assert not hasattr(config, "not_a_setting_yet")
 
 
+@pytest.mark.parametrize("low, high, status", [
+    (1.29, 1.30, "met"), (1.00, 1.00, "met"), (0.81, 1.17, "inside the spread: no result"),
+    (0.999, 1.0, "inside the spread: no result"), (0.63, 0.64, "missed"),
+])
+def test_a_target_is_met_or_missed_only_by_the_whole_spread(low, high, status):
+    _load_benchmark()
+    from benchmarks.end_to_end_report import target_status
+
+    assert target_status(low, high, 1.0) == status
+
+
 def test_profile_breakdown_sorts_kernels_by_kind():
     from types import SimpleNamespace
 
