@@ -68,12 +68,17 @@ def test_each_group_uses_its_own_active_mask():
         assert torch.equal(y[2 * group], expected) and torch.equal(y[2 * group + 1], expected)
 
 
-def test_bf16_keeps_dtype():
-    drop = make_gyro()
-    x = torch.randn(9, 6, 10, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_values_are_rounded_once(dtype):
+    """x / (1 - p) computed wide and rounded once, forward and backward, as nn.Dropout does (no bias)."""
+    drop = make_gyro(p=0.1)
+    x = torch.randn(9, 6, 10, dtype=dtype, requires_grad=True)
     y = drop(x)
-    assert y.dtype == torch.bfloat16
-    assert rel_err(y, expected_output(drop, x, step=0)) < 1e-2
+    assert y.dtype == dtype
+    assert torch.equal(y, expected_output(drop, x, step=0).to(dtype))
+    grad = torch.randn(9, 6, 10, dtype=dtype)
+    y.backward(grad)
+    assert torch.equal(x.grad, expected_output(drop, grad, step=0).to(dtype))
 
 
 def test_one_dimensional_input_is_one_sample():

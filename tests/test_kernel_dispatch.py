@@ -49,3 +49,12 @@ def test_dropout_ops_launch_their_kernel_forward_and_backward(launched_kernels):
     _forward_and_backward(lambda x: seeded_dropout(x, 0.3, 5), torch.randn(3, 40))
     _forward_and_backward(lambda x: seeded_dropout_rows(x, 0.3, torch.arange(3)), torch.randn(3, 40))
     assert launched_kernels == ["_seeded_dropout_kernel"] * 4
+
+
+def test_float64_dropout_takes_the_exact_pytorch_path(launched_kernels):
+    """Triton would pass the scale 1 / (1 - p) as fp32: float64 runs the fallback, exact in float64."""
+    x = torch.randn(3, 40, dtype=torch.float64)
+    _forward_and_backward(lambda t: seeded_dropout(t, 0.3, 5), x)
+    assert launched_kernels == []
+    kept = seeded_dropout(x, 0.3, 5) != 0
+    assert torch.equal(seeded_dropout(x, 0.3, 5)[kept], x[kept] * (1 / 0.7))

@@ -59,6 +59,37 @@ def test_kernel_wide_blocks_and_split_reduction(sparsity, transposed):
 
 
 @requires_interpreter
+def test_split_reduction_rounds_the_sum_once():
+    """The splits' fp32 partials are summed in fp32, then rounded: never rounded to fp16 one by one."""
+    from slipstream.ops.kernels.sparse_jl import TileConfig, launch_projection
+
+    d, k = 256, 64
+    s = sparse_jl_matrix(d, k, 1, 2, dtype=torch.float64)
+    first = torch.randn(4, d // 2, dtype=torch.float64) * 60
+    # The second half cancels the first's projection down to about 0.3: partials in the hundreds.
+    target = 0.3 - first @ s[: d // 2]
+    second = torch.linalg.lstsq(s[d // 2:].T, target.T).solution.T
+    x = torch.cat([first, second], 1).half()
+    exact = x.double() @ s
+    assert (x[:, : d // 2].double() @ s[: d // 2]).abs().max() > 100
+    y = launch_projection(x, k, 1, 2, math.sqrt(2 / k), False, TileConfig(16, 128, 64, 2, 1, split=2))
+    assert (y.double() - exact).abs().max() <= 2 * exact.abs().max() * 2**-11
+
+
+@requires_interpreter
+def test_kernel_reads_a_column_major_view_whose_offsets_pass_int32():
+    """(d - 1) * stride > 2**31 elements: a transposed view of a large tensor, read without a copy."""
+    m, d, stride = 16, 130, 2**24
+    try:  # virtual memory only: the pages the view touches are a few hundred KiB
+        storage = torch.empty((d - 1) * stride + m, dtype=torch.float16)
+    except RuntimeError:
+        pytest.skip("cannot reserve 4.3 GB of virtual memory here")
+    x = storage.as_strided((m, d), (1, stride))
+    x.copy_(torch.randn(m, d))
+    assert rel_err(sparse_jl(x, 32, 3), x.double() @ sparse_jl_matrix(d, 32, 3, dtype=torch.float64)) < 2e-3
+
+
+@requires_interpreter
 def test_op_runs_kernel_with_strides_and_gradient(launched_kernels):
     x = torch.randn(6, 2 * 130)[:, ::2].requires_grad_()  # non-contiguous rows
     y = sparse_jl(x, 90, seed=3)
@@ -145,7 +176,11 @@ def test_leading_dimensions_and_empty_batch():
     y = sparse_jl(x, 20, 4)
     assert y.shape == (2, 3, 20)
     assert torch.allclose(y.reshape(6, 20), sparse_jl(x.reshape(6, 50), 20, 4))
-    assert sparse_jl(torch.randn(0, 50), 20, 4).shape == (0, 20)
+    empty = torch.randn(0, 50, requires_grad=True)
+    y = sparse_jl(empty, 20, 4)
+    assert y.shape == (0, 20) and y.requires_grad
+    y.sum().backward()  # an empty batch still backpropagates, as through nn.Linear
+    assert empty.grad.shape == (0, 50)
 
 
 def test_reference_and_fallback_agree_in_float32():

@@ -105,12 +105,30 @@ def _cpu_copy(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if tensor is None else tensor.detach().to("cpu", copy=True)
 
 
+class _ScaledOnce(torch.autograd.Function):
+    """``x * scales`` (broadcast into x's shape) computed in ``scales``' wider dtype, rounded once to x's.
+
+    One kernel each way. Scales rounded to bf16 first would bias every kept value (1/0.9 is 1.109375
+    in bf16); ``nn.Dropout`` also scales in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scales)
+        return torch.mul(x, scales, out=torch.empty_like(x))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (scales,) = ctx.saved_tensors
+        return _ScaledOnce.apply(grad, scales), None  # through apply: differentiable under create_graph
+
+
 def _scale_equal_groups(x: torch.Tensor, scales: torch.Tensor, size: int) -> torch.Tensor:
     """Rows ``[i*size, (i+1)*size)`` of ``x`` times ``scales[i]`` over the last dim, by broadcasting views."""
     groups = scales.shape[0]
     grouped = x.unflatten(0, (groups, size))
     per_group = scales.view((groups,) + (1,) * (x.dim() - 1) + (scales.shape[1],))
-    return (grouped * per_group).flatten(0, 1)
+    return _ScaledOnce.apply(grouped, per_group).flatten(0, 1)
 
 
 def _scale_batch_groups(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -133,6 +151,11 @@ def _scale_batch_groups(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     ])
 
 
+def _scale_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 scales for fp16/bf16/fp32 inputs, fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class GyroDropout(nn.Module):
     """Dropout over ``sigma`` pre-selected feature masks, ``tau`` of them active per step.
 
@@ -140,7 +163,8 @@ class GyroDropout(nn.Module):
     ``i`` is multiplied by active mask ``i`` over the last dim, scaled by ``1 / (1 - p)``; any rank
     works (``[B, F]``, ``[B, T, F]``, ...; a 1-D input is one sample). Evaluation is the identity.
     The masks are built on the CPU at the first training forward, for that input's feature width;
-    only the active set's ``(tau, features)`` scales live on the input's device.
+    only the active set's ``(tau, features)`` scales live on the input's device. Kept values are
+    ``x * (1 / (1 - p))`` rounded once to x's dtype, as ``nn.Dropout`` computes them.
 
     When the schedule advances: with ``advance_on_forward=True`` every training-mode forward counts
     as one step (right for one forward per optimizer step; eval forwards never count). With gradient
@@ -200,7 +224,8 @@ class GyroDropout(nn.Module):
         # (sigma, features) bool and (sets, tau) indices; None until the first training forward.
         self.masks: Optional[torch.Tensor] = None
         self.schedule: Optional[torch.Tensor] = None
-        # The active set's scales in the input's dtype and device: rebuilt only when the set changes.
+        # The active set's scales (0 or 1 / (1 - p); fp32, fp64 for fp64 input) on the input's device:
+        # rebuilt only when the set changes.
         self.register_buffer("_scales", torch.empty(0), persistent=False)
 
     @classmethod
@@ -301,7 +326,7 @@ class GyroDropout(nn.Module):
 
     @torch.compiler.disable
     def _prepare(self, x: torch.Tensor) -> None:
-        """Build masks on first use, then the active scales in the input's dtype, on its device."""
+        """Build masks on first use, then the active scales in the input's scale dtype, on its device."""
         features = x.shape[-1]
         if not self.materialized:
             self._materialize(features)
@@ -310,13 +335,13 @@ class GyroDropout(nn.Module):
                 f"GyroDropout built its masks for {self.masks.shape[1]} features but got an input whose last "
                 f"dimension is {features}; Gyro Dropout needs a fixed feature width"
             )
-        self._build_scales(x.dtype, x.device)
+        self._build_scales(_scale_dtype(x.dtype), x.device)
 
     def _ready_for(self, x: torch.Tensor) -> bool:
         scales = self._scales
         return (
             scales.dim() == 2 and scales.shape[1] == x.shape[-1]
-            and scales.dtype == x.dtype and scales.device == x.device
+            and scales.dtype == _scale_dtype(x.dtype) and scales.device == x.device
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

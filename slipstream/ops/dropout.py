@@ -18,7 +18,7 @@ Philox call keep the kernel memory-bound in bf16; the price is that the drop pro
   contiguous copy).
 
 The decision is made in integers, so the Triton kernel and the PyTorch fallback (the ``*_reference``
-functions, used on CPU and by the tests) give the same mask for the same seed.
+functions, used on CPU, for float64 and by the tests) give the same mask for the same seed.
 
 Under ``torch.compile``, by default (:data:`slipstream.config.compiled_dropout` ``= "inductor"``),
 they trace as PyTorch ops that Inductor fuses into its own kernels, with a hashed random stream
@@ -132,7 +132,9 @@ def _on_device(seeds: Tensor, device: torch.device) -> Tensor:
 
 
 def _kernels_apply(x: Tensor, traceable: bool) -> bool:
-    return body_uses_triton(x) if traceable else use_triton(x)
+    # float64 takes the PyTorch path: Triton passes the Python-float scale as fp32, so float64 would be
+    # scaled by a rounded 1 / (1 - p).
+    return x.dtype != torch.float64 and (body_uses_triton(x) if traceable else use_triton(x))
 
 
 def _launch(x: Tensor, out: Tensor, p: float, key: Union[int, Tensor], traceable: bool, one_row: bool) -> None:
@@ -220,6 +222,8 @@ class _EagerDropout(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         if ctx.on_backward is not None:
             ctx.on_backward()
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable in turn
+            return _EagerDropout.apply(grad, ctx.p, ctx.key, ctx.body, None), None, None, None, None
         return ctx.body(grad, ctx.p, ctx.key), None, None, None, None
 
 

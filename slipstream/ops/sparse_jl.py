@@ -243,8 +243,8 @@ def _apply_2d(transposed: bool, x: Tensor, out_width: int, seed: int, sparsity: 
     """Run one direction on ``x`` viewed as (rows, features) and restore the leading dimensions."""
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] == 0:
-        return x.new_zeros(*lead, out_width)
+    if rows.shape[0] == 0:  # empty, but still a function of x for autograd (as nn.Linear's output is)
+        return x.narrow(-1, 0, 1).expand(*lead, out_width) * 0
     return _dispatch(transposed, rows, out_width, seed, sparsity).reshape(*lead, out_width)
 
 

@@ -119,7 +119,7 @@ def _projection_kernel(
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for r0 in tl.range(r_start, r_end, BLOCK_R, num_stages=STAGES):
-        rr = r0 + tl.arange(0, BLOCK_R)
+        rr = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)  # rr * stride_ar passes 2**31 on column-major a
         # Splits end on block boundaries, so only ``R`` needs masking (and it keeps the loads wide).
         a_t = tl.load(a_ptr + rr[:, None] * stride_ar + rm[None, :] * stride_am,
                       mask=(rr[:, None] < R) & (rm[None, :] < M), other=0.0)
@@ -137,7 +137,7 @@ def _projection_kernel(
             acc = tl.dot(s, a_t, acc, input_precision=DOT_PRECISION)
 
     rn = first_n + tl.arange(0, BLOCK_N)
-    out_ptrs = out_ptr + tl.program_id(1) * stride_split + rm[None, :] * stride_om + rn[:, None]
+    out_ptrs = out_ptr + tl.program_id(1).to(tl.int64) * stride_split + rm[None, :] * stride_om + rn[:, None]
     tl.store(out_ptrs, (acc * scale).to(out_ptr.dtype.element_ty), mask=(rm[None, :] < M) & (rn[:, None] < N))
 
 
@@ -231,4 +231,4 @@ def launch_projection(
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=config.block_r, STAGES=config.num_stages,
         num_warps=config.num_warps,
     )
-    return out if split == 1 else out.sum(0, dtype=a.dtype)
+    return out if split == 1 else out.sum(0).to(a.dtype)  # one rounding: sum the fp32 partials in fp32
