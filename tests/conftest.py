@@ -36,3 +36,12 @@ def launched_kernels(monkeypatch):
 
     monkeypatch.setattr(interpreter.InterpretedFunction, "run", recording)
     return names
+
+
+@pytest.fixture
+def pytorch_fallbacks():
+    """Every slipstream op on its PyTorch fallback for the test (the kernels' own tests cover them)."""
+    from slipstream.ops._backend import pytorch_fallback
+
+    with pytorch_fallback():
+        yield

@@ -279,3 +279,53 @@ def test_a_real_hugging_face_model_with_a_low_precision_method():
     assert any(isinstance(m, LPLayerNorm) for m in model.modules())
     assert set(trainer.state.eval_metrics) == {"loss", "accuracy"}
     assert all(torch.isfinite(torch.tensor(v)) for v in trainer.state.eval_metrics.values())
+
+
+def test_causal_lm_accuracy_scores_each_position_against_the_next_token():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=17, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(config)
+    tokens = torch.randint(0, 17, (8, 10))
+    batch = {"input_ids": tokens, "labels": tokens}
+    trainer = quiet_trainer(model=model, train_dataloader=DataLoader([batch], batch_size=None),
+                            eval_dataloader=DataLoader([batch], batch_size=None), max_duration="1ba")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    predicted = logits[:, :-1].argmax(-1) == tokens[:, 1:]
+    assert trainer.eval()["accuracy"] == pytest.approx(predicted.double().mean().item())
+
+
+def test_eval_restores_each_submodules_own_mode():
+    """A BatchNorm a user froze (eval mode inside a training model) stays frozen through eval and training."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    model[1].eval()
+    frozen_mean = model[1].running_mean.clone()
+    trainer = quiet_trainer(model=model, train_dataloader=loader(classification_data()),
+                            eval_dataloader=loader(classification_data(seed=1)), max_duration="2ep")
+    trainer.fit()
+    assert model.training and not model[1].training
+    assert torch.equal(model[1].running_mean, frozen_mean)
+    eval_model = mlp(dropout=0.5).eval()  # a model handed over in eval mode still trains in train mode
+    recorder = DropoutModeRecorder()
+    quiet_trainer(model=eval_model, train_dataloader=loader(classification_data()), max_duration="1ba",
+                  algorithms=[recorder]).fit()
+    assert recorder.modes == [True]
+
+
+class DropoutModeRecorder(Algorithm):
+    def __init__(self):
+        self.modes = []
+
+    def match(self, event, state):
+        return event == Event.BEFORE_FORWARD
+
+    def apply(self, event, state, logger):
+        self.modes.append(state.model[3].training)
+
+
+def test_reduce_lr_on_plateau_is_refused_with_what_to_do():
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="ReduceLROnPlateau steps on a metric"):
+        quiet_trainer(model=model, train_dataloader=loader(classification_data()), max_duration="1ep",
+                      optimizers=optimizer, schedulers=torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer))

@@ -90,8 +90,7 @@ def build_run(seed_of_init: int, dropout: str = "dropout", **kwargs):
 
 
 @pytest.mark.parametrize("dropout", list(DROPOUT_METHODS))
-def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, dropout, monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the kernels' own tests cover them: run fallbacks
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, dropout, pytorch_fallbacks):
     full, full_run, _ = build_run(seed_of_init=0, dropout=dropout)
     full.fit()
 
@@ -121,7 +120,8 @@ def test_checkpoint_contents(tmp_path):
     trainer.fit()  # ends mid-epoch: the final checkpoint is written anyway
     checkpoint = torch.load(os.path.join(folder, LATEST), weights_only=True)
     assert checkpoint["timestamp"] == {"epoch": 0, "batch": 2, "sample": 32, "batch_in_epoch": 2}
-    assert set(checkpoint["rng"][0]) >= {"python", "numpy", "torch"}
+    assert set(checkpoint["ranks"][0]["rng"]) >= {"python", "numpy", "torch"}
+    assert checkpoint["ranks"][0]["loss_window"] == [0.0, 0.0]  # logged at the end of fit(), before the save
     assert "0._extra_state" in checkpoint["model"] and checkpoint["run_state"] == {}
     assert [a["name"] for a in checkpoint["algorithms"]] == ["LossRecorder", "BatchCounter", "CrashAt"]
     assert checkpoint["algorithms"][1]["state"] == {"count": 2}
@@ -149,3 +149,46 @@ def test_missing_or_foreign_checkpoint_is_an_error(tmp_path):
     torch.save({"state_dict": mlp().state_dict()}, foreign)
     with pytest.raises(ValueError, match="not a slipstream Trainer checkpoint"):
         quiet_trainer(load_path=str(foreign), **kwargs)
+
+
+def test_the_end_of_training_is_saved_after_a_batch_save_on_the_last_batch(tmp_path):
+    """A '5ba' save lands on the epoch's last batch; the epoch's end (scheduler step, epoch count) is saved too."""
+    folder = str(tmp_path)
+    trainer, _, _ = build_run(seed_of_init=0, save_folder=folder, max_duration="1ep", save_interval="5ba")
+    trainer.fit()
+    checkpoint = torch.load(os.path.join(folder, LATEST), weights_only=True)
+    assert checkpoint["timestamp"]["epoch"] == 1 and checkpoint["schedulers"][0]["last_epoch"] == 1
+    with pytest.warns(UserWarning, match="nothing to do"):
+        build_run(seed_of_init=0, max_duration="1ep", load_path=folder)[0].fit()
+
+
+def test_a_resumed_run_logs_the_training_loss_an_uninterrupted_run_logs(tmp_path):
+    """Loss sums not yet logged at the save are in the checkpoint, per rank."""
+    from slipstream.trainer import InMemoryLogger
+
+    full_log = InMemoryLogger()
+    build_run(seed_of_init=0, max_duration="2ep", log_interval="8ba", loggers=[full_log])[0].fit()
+    folder = str(tmp_path / "ckpt")
+    with pytest.raises(KeyboardInterrupt):
+        build_run(seed_of_init=0, max_duration="2ep", log_interval="8ba", save_folder=folder, save_interval="3ba",
+                  crash_at=4)[0].fit()
+    resumed_log = InMemoryLogger()
+    build_run(seed_of_init=0, max_duration="2ep", log_interval="8ba", load_path=folder, loggers=[resumed_log])[0].fit()
+    losses = [(step, metrics["loss/train"]) for step, metrics in resumed_log.records if "loss/train" in metrics]
+    assert losses == [(step, metrics["loss/train"]) for step, metrics in full_log.records
+                      if "loss/train" in metrics and step > 3]
+
+
+def test_mid_epoch_resume_of_a_loader_the_trainer_does_not_rebuild_warns(tmp_path):
+    class OwnLoader(torch.utils.data.DataLoader):
+        pass
+
+    folder = str(tmp_path)
+    data = classification_data(samples=80)
+    with pytest.raises(KeyboardInterrupt):
+        quiet_trainer(model=mlp(), train_dataloader=OwnLoader(data, batch_size=16, shuffle=True),
+                      max_duration="1ep", save_folder=folder, save_interval="2ba", algorithms=[CrashAt(3)]).fit()
+    resumed = quiet_trainer(model=mlp(), train_dataloader=OwnLoader(data, batch_size=16, shuffle=True),
+                            max_duration="1ep", load_path=folder, algorithms=[CrashAt(None)])
+    with pytest.warns(UserWarning, match="resuming mid-epoch with a OwnLoader"):
+        resumed.fit()

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from trainer_dist_worker import BATCH_PER_RANK, EVAL_SAMPLES, LR, TRAIN_SAMPLES
+from trainer_dist_worker import BATCH_PER_RANK, LR, TRAIN_SAMPLES, eval_loader
 from trainer_helpers import classification_data, loader, mlp, quiet_trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,12 +39,13 @@ def test_two_gloo_processes_equal_one_process_with_twice_the_batch(tmp_path):
     model = mlp()
     single = quiet_trainer(
         model=model, train_dataloader=loader(classification_data(TRAIN_SAMPLES), batch_size=2 * BATCH_PER_RANK),
-        eval_dataloader=loader(classification_data(EVAL_SAMPLES, seed=1), batch_size=5, shuffle=False),
+        eval_dataloader=eval_loader(),
         max_duration="2ep", optimizers=torch.optim.SGD(model.parameters(), lr=LR), seed=0)
     single.fit()
     for name, value in model.state_dict().items():
         torch.testing.assert_close(torch.tensor(ranks[0]["weights"][name]), value, rtol=1e-5, atol=1e-6)
-    assert ranks[0]["eval"]["accuracy"] == single.state.eval_metrics["accuracy"]  # each eval sample counted once
+    # Each eval sample counted once, and with drop_last the same 95 samples as one process evaluates.
+    assert ranks[0]["eval"]["accuracy"] == single.state.eval_metrics["accuracy"]
     assert ranks[0]["eval"]["loss"] == pytest.approx(single.state.eval_metrics["loss"], rel=1e-5)
 
     # Rank 0 alone logs and saves.
@@ -52,7 +53,7 @@ def test_two_gloo_processes_equal_one_process_with_twice_the_batch(tmp_path):
     assert sum("hyperparameters" in line for line in lines) == 1
     assert lines[0]["hyperparameters"]["world_size"] == 2
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["ep1-ba6.pt", "ep2-ba12.pt", "latest.pt"]
-    assert len(torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)["rng"]) == 2
+    assert len(torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)["ranks"]) == 2
 
 
 def test_a_rank_that_dies_fails_the_job_with_a_clear_error(tmp_path):
@@ -61,3 +62,22 @@ def test_a_rank_that_dies_fails_the_job_with_a_clear_error(tmp_path):
     assert done.returncode != 0
     assert "rank 1 died on purpose" in done.stdout + done.stderr
     assert time.monotonic() - started < 60
+
+
+def test_a_setting_given_on_one_rank_only_is_an_error_not_a_hang(tmp_path):
+    started = time.monotonic()
+    done = torchrun("save_on_rank0_only", str(tmp_path), timeout=90)
+    assert done.returncode != 0
+    assert "save_folder given must be the same on every rank" in done.stdout + done.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_each_rank_resumes_its_own_dropout_seeds(tmp_path):
+    """LowMemoryDropout draws its seeds from each rank's RNG: a resumed job must take each rank's own."""
+    for mode in ("dropout_full", "dropout_first_epoch", "dropout_resume"):
+        done = torchrun(mode, str(tmp_path))
+        assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        full, first, resumed = (json.loads((tmp_path / f"{mode}_rank{rank}.json").read_text())
+                                for mode in ("dropout_full", "dropout_first_epoch", "dropout_resume"))
+        assert first + resumed == full  # exactly, float for float

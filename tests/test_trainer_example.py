@@ -13,8 +13,7 @@ pytest.importorskip("sklearn")
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train_digits.py")
 
 
-def test_train_digits_example(tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # kernels have their own tests: run the fallbacks
+def test_train_digits_example(tmp_path, capsys, pytorch_fallbacks):
     spec = importlib.util.spec_from_file_location("train_digits", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)

@@ -1,5 +1,6 @@
-"""Checkpoints that resume a run exactly: model, its modules' run state, optimizers, schedulers,
-GradScaler, timestamp, algorithm state, the data-order seed and every rank's RNG states.
+"""Checkpoints that resume a run exactly: model, optimizers, schedulers, GradScaler, timestamp,
+algorithm state, the data-order seed, and per rank its RNG states, its modules' run state (ranks may
+draw different dropout seeds) and its unlogged training-loss sums.
 
 Files are ``<save_folder>/ep<epoch>-ba<batch>.pt`` plus ``latest.pt`` pointing at the newest; they
 hold only tensors, numbers, strings and containers, and load with ``torch.load(weights_only=True)``.
@@ -20,13 +21,23 @@ from slipstream.nn.run_state import load_run_state, save_run_state
 
 __all__ = ["FORMAT", "LATEST", "build_checkpoint", "save_checkpoint", "load_checkpoint", "restore_checkpoint"]
 
-FORMAT = "slipstream.trainer.checkpoint/2"  # 2: run state out of the model's state_dict
+FORMAT = "slipstream.trainer.checkpoint/3"  # 2: run state out of the model's state_dict; 3: per-rank entries
 LATEST = "latest.pt"
 
 
+def rank_entry(model: nn.Module, rng: dict[str, Any], loss_window: Sequence[float]) -> dict[str, Any]:
+    """One rank's part of a checkpoint: its RNG states, its modules' run state and its loss sums.
+
+    Example:
+        >>> sorted(rank_entry(nn.Linear(2, 2), {}, [0.0, 0.0]))
+        ['loss_window', 'rng', 'run_state']
+    """
+    return {"rng": rng, "run_state": save_run_state(model), "loss_window": [float(v) for v in loss_window]}
+
+
 def build_checkpoint(state: State, algorithms: Sequence[Algorithm], scaler: Optional[torch.amp.GradScaler],
-                     rng_states: list[dict], data_seed: int) -> dict[str, Any]:
-    """Everything needed to continue ``state``'s run (``rng_states`` holds one entry per rank).
+                     ranks: list[dict], data_seed: int) -> dict[str, Any]:
+    """Everything needed to continue ``state``'s run (``ranks``: one :func:`rank_entry` per rank).
 
     Example:
         >>> ckpt = build_checkpoint(State(model=nn.Linear(2, 2)), [], None, [], data_seed=0)
@@ -43,7 +54,7 @@ def build_checkpoint(state: State, algorithms: Sequence[Algorithm], scaler: Opti
         "scaler": None if scaler is None else scaler.state_dict(),
         "algorithms": [{"name": type(a).__name__, "state": a.state_dict()} for a in algorithms],
         "timestamp": state.timestamp.state_dict(),
-        "rng": rng_states,
+        "ranks": ranks,
         "data_seed": data_seed,
         "precision": state.precision,
     }

@@ -71,15 +71,16 @@ def _rebuildable(loader: Any) -> bool:
     return isinstance(sampler, SequentialSampler)
 
 
-def _rebuild(loader: DataLoader, sampler: ShardSampler, generator: Optional[torch.Generator]) -> DataLoader:
-    """A copy of ``loader`` drawing indices from ``sampler`` (every other argument kept)."""
+def _rebuild(loader: DataLoader, sampler: ShardSampler, generator: Optional[torch.Generator],
+             drop_last: Optional[bool] = None) -> DataLoader:
+    """A copy of ``loader`` drawing indices from ``sampler`` (every other argument kept, ``drop_last`` if None)."""
     kept = {
         name: getattr(loader, name)
         for name in inspect.signature(DataLoader.__init__).parameters
         if name not in _REBUILT_ARGUMENTS and hasattr(loader, name)
     }
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=loader.drop_last,
-                      generator=generator, **kept)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
+                      drop_last=loader.drop_last if drop_last is None else drop_last, generator=generator, **kept)
 
 
 def _checked_len(loader: Any, argument: str) -> int:
@@ -133,6 +134,13 @@ class EpochLoader:
         if self.sampler is None:
             if hasattr(getattr(self.loader, "sampler", None), "set_epoch"):
                 self.loader.sampler.set_epoch(epoch)
+            elif skip_batches:
+                warnings.warn(
+                    f"resuming mid-epoch with a {type(self.loader).__name__} the Trainer does not rebuild: unless its "
+                    f"order is fixed, skipping {skip_batches} batches of a newly drawn order repeats some samples "
+                    "and skips others. Use a plain DataLoader (shuffle=True/False), a sampler with set_epoch(), or "
+                    "save at epoch ends (save_interval='1ep')"
+                )
             return itertools.islice(iter(self.loader), skip_batches, None)
         self.sampler.seed = self.seed  # a resumed run takes the seed its checkpoint was shuffled with
         self.sampler.set_epoch(epoch)
@@ -156,8 +164,13 @@ def shard_eval_loader(loader: Any, rank: int, world_size: int) -> Any:
         warnings.warn(f"eval_dataloader with {type(getattr(loader, 'sampler', None)).__name__} is not sharded: "
                       "every rank evaluates all of it (metrics stay right, the work is repeated)")
         return loader
-    sampler = ShardSampler(loader.dataset, num_replicas=world_size, rank=rank, shuffle=False, pad=False)
-    return _rebuild(loader, sampler, loader.generator)
+    # The samples a one-process pass evaluates (with drop_last, the whole batches), each on one rank; no
+    # rank drops a partial batch of its own shard.
+    samples = len(loader.dataset)
+    if loader.drop_last:
+        samples -= samples % loader.batch_size
+    sampler = ShardSampler(range(samples), num_replicas=world_size, rank=rank, shuffle=False, pad=False)
+    return _rebuild(loader, sampler, loader.generator, drop_last=False)
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:

@@ -7,7 +7,8 @@ Three kinds of model are accepted:
 (b) any plain ``nn.Module`` fed ``(inputs, targets)`` batches: ``model(inputs)``, then
     ``loss_fn(outputs, targets)`` (cross-entropy by default) and accuracy when the outputs are logits;
 (c) a Hugging Face-style model fed dict batches: ``model(**batch)``, whose output carries ``.loss``
-    (and ``.logits``, used for accuracy against ``batch['labels']``).
+    (and ``.logits``, used for accuracy against ``batch['labels']``, shifted one token for Hugging
+    Face causal LMs, whose logits at position t predict the label at t + 1).
 """
 
 from __future__ import annotations
@@ -109,10 +110,21 @@ class _PlainModuleAdapter(ModelAdapter):
     def eval_metrics(self, model: nn.Module, outputs: Any, batch: Any) -> dict[str, MetricCounts]:
         if isinstance(batch, Mapping):
             logits, targets = _output_field(outputs, "logits"), batch.get("labels")
+            if _predicts_next_token(model) and isinstance(logits, torch.Tensor) and isinstance(targets, torch.Tensor):
+                logits, targets = logits[:, :-1], targets[:, 1:]  # as the model's own loss shifts them
         else:
             logits, targets = outputs, _inputs_and_targets(batch)[1]
         counts = accuracy_counts(logits, targets)
         return {} if counts is None else {"accuracy": counts}
+
+
+def _predicts_next_token(model: nn.Module) -> bool:
+    """A Hugging Face causal LM: its logits at position t score the label at t + 1."""
+    if not type(model).__module__.startswith("transformers."):
+        return False
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
 
 
 def _output_field(outputs: Any, name: str) -> Any:

@@ -14,7 +14,9 @@ from torch import nn
 from slipstream.algorithms.base import Algorithm, Event, State
 from slipstream.time import Time
 from slipstream.trainer.amp import autocast, grad_scaler, resolve_precision
-from slipstream.trainer.checkpoint import build_checkpoint, load_checkpoint, restore_checkpoint, save_checkpoint
+from slipstream.nn.run_state import load_run_state
+from slipstream.trainer.checkpoint import (build_checkpoint, load_checkpoint, rank_entry, restore_checkpoint,
+                                          save_checkpoint)
 from slipstream.trainer.data import EpochLoader, batch_size_of, move_to_device, shard_eval_loader
 from slipstream.trainer.distributed import (all_gather_object, all_reduce_sum, check_same_on_all_ranks,
                                             init_distributed, resolve_device, wrap_ddp)
@@ -44,7 +46,20 @@ def _check_schedulers(schedulers: list) -> list:
         if not all(callable(getattr(scheduler, name, None)) for name in ("step", "state_dict", "load_state_dict")):
             raise TypeError(f"schedulers must have step(), state_dict() and load_state_dict(), "
                             f"got {type(scheduler).__name__}")
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise TypeError("schedulers: ReduceLROnPlateau steps on a metric, and the Trainer steps schedulers "
+                            "without one; step it from an algorithm at Event.EVAL_END with state.eval_metrics")
     return schedulers
+
+
+def _training_modes(model: nn.Module) -> dict[nn.Module, bool]:
+    return {module: module.training for module in model.modules()}
+
+
+def _restore_training_modes(modes: dict[nn.Module, bool]) -> None:
+    """Each module's own mode back: ``model.train(flag)`` would also flip submodules a user froze."""
+    for module, training in modes.items():
+        module.training = training
 
 
 def _agreed_seed(seed: Optional[int]) -> int:
@@ -74,7 +89,7 @@ class Trainer:
             it, ``'fp32'`` on the CPU.
         device: ``'cpu'``, ``'cuda'`` or ``'cuda:<i>'``; default the local GPU when there is one.
         eval_interval, save_interval, log_interval: time strings like ``max_duration``.
-        save_folder: where checkpoints go (rank 0 writes them); None saves nothing.
+        save_folder: where checkpoints go (rank 0 writes them; give it on every rank); None saves nothing.
         load_path: a checkpoint file, or a save folder (its ``latest.pt``), to resume from.
         seed: seeds Python, NumPy and PyTorch (``seed + rank`` on each rank) and the data order.
         loggers: :class:`~slipstream.trainer.Logger` instances (default: a console logger); rank 0 only.
@@ -152,20 +167,23 @@ class Trainer:
         if not self.state.optimizers:
             self.state.optimizers = [torch.optim.AdamW(self.state.model.parameters())]
         self.scaler = grad_scaler(precision, self.device)
-        check_same_on_all_ranks({
+        check_same_on_all_ranks({  # ranks that disagree on any of these would wait in different collectives
             "dataloader_len": self.state.dataloader_len, "max_duration": str(self.max_duration),
-            "precision": precision, "seed": data_seed,
+            "precision": precision, "seed": data_seed, "save_folder given": save_folder is not None,
+            "eval_dataloader given": eval_dataloader is not None, "eval_interval": str(self.eval_interval),
+            "save_interval": str(self.save_interval), "log_interval": str(self.log_interval),
+            "step_schedulers_every_batch": step_schedulers_every_batch,
             "algorithms": [type(a).__name__ for a in self.engine.algorithms],
             "model parameter count": sum(p.numel() for p in self.state.model.parameters()),
         })
         self._resumed_rng: Optional[dict] = None
+        self._loss_window = torch.zeros(2, dtype=torch.float64, device=self.device)  # (sum, batches) unlogged
         if load_path is not None:
             self._load(load_path)
         self.module = wrap_ddp(self.state.model, self.device, self.dist)
         self.progress = ProgressBar(enabled=progress_bar and self.dist.is_main)
         self._last_eval_batch: Optional[int] = None
-        self._last_save_batch: Optional[int] = None
-        self._loss_window = torch.zeros(2, dtype=torch.float64, device=self.device)  # (sum, batches)
+        self._last_saved_at: Optional[tuple[int, int]] = None  # (epoch, batch): an epoch's end is saved apart
 
     # ---- training -------------------------------------------------------------------------------
 
@@ -188,14 +206,15 @@ class Trainer:
         self._log_train_loss()  # the batches since the last log interval
         if state.eval_dataloader is not None and self._last_eval_batch != state.timestamp.batch:
             self._evaluate()
-        if self.save_folder is not None and self._last_save_batch != state.timestamp.batch:
+        if self.save_folder is not None and self._last_saved_at != (state.timestamp.epoch, state.timestamp.batch):
             self._save()
         self.engine.fire(Event.FIT_END)
 
     def _train_epoch(self) -> None:
         state, timestamp = self.state, self.state.timestamp
         self.engine.fire(Event.EPOCH_START)
-        state.model.train()
+        if not state.model.training:  # a model in eval mode trains in train mode; submodules a user froze
+            state.model.train()      # (eval-mode BatchNorm in a training model) stay as they are
         self.progress.start_epoch(timestamp.epoch, len(self.train_data), timestamp.batch_in_epoch)
         started, first_sample = time.perf_counter(), timestamp.sample
         for batch in self.train_data.epoch(timestamp.epoch, skip_batches=timestamp.batch_in_epoch):
@@ -283,7 +302,7 @@ class Trainer:
         state = self.state
         self.engine.fire(Event.EVAL_START)
         sums = MetricSums(self.device)
-        was_training = state.model.training
+        modes = _training_modes(state.model)
         state.model.eval()
         with torch.no_grad():
             for batch in state.eval_dataloader:
@@ -296,7 +315,7 @@ class Trainer:
                 sums.add("loss", loss.detach().double() * size, torch.tensor(size))
                 for name, (total, count) in metrics.items():
                     sums.add(name, total, count)
-        state.model.train(was_training)
+        _restore_training_modes(modes)
         state.eval_metrics = sums.compute()
         self._last_eval_batch = state.timestamp.batch
         self.logger.log_metrics({f"metrics/eval/{name}": value for name, value in state.eval_metrics.items()})
@@ -306,23 +325,28 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------------------
 
     def _save(self) -> None:
-        rng_states = all_gather_object(rng_state())  # every rank's streams, saved by rank 0
+        # Every rank's streams, run state and loss sums, saved by rank 0.
+        ranks = all_gather_object(rank_entry(self.state.model, rng_state(), self._loss_window.tolist()))
         if self.dist.is_main:
-            checkpoint = build_checkpoint(self.state, self.engine.algorithms, self.scaler, rng_states,
+            checkpoint = build_checkpoint(self.state, self.engine.algorithms, self.scaler, ranks,
                                           self.train_data.seed)
             save_checkpoint(checkpoint, self.save_folder)
-        self._last_save_batch = self.state.timestamp.batch
+        self._last_saved_at = (self.state.timestamp.epoch, self.state.timestamp.batch)
 
     def _load(self, load_path: str) -> None:
         checkpoint = load_checkpoint(load_path)
         restore_checkpoint(checkpoint, self.state, self.engine.algorithms, self.scaler)
         self.train_data.seed = checkpoint["data_seed"]
-        if len(checkpoint["rng"]) == self.dist.world_size:
-            self._resumed_rng = checkpoint["rng"][self.dist.rank]
+        ranks = checkpoint["ranks"]
+        if len(ranks) == self.dist.world_size:
+            own = ranks[self.dist.rank]
+            load_run_state(self.state.model, own["run_state"])
+            self._resumed_rng = own["rng"]
+            self._loss_window = torch.tensor(own["loss_window"], dtype=torch.float64, device=self.device)
         else:
-            warnings.warn(f"the checkpoint was saved by {len(checkpoint['rng'])} processes, this run has "
-                          f"{self.dist.world_size}: random streams continue from this run's seeding, "
-                          "not the checkpoint's")
+            warnings.warn(f"the checkpoint was saved by {len(ranks)} processes, this run has "
+                          f"{self.dist.world_size}: random streams and modules' run state continue from rank 0's "
+                          "and this run's seeding, not each rank's own")
 
     # ---- misc -----------------------------------------------------------------------------------
 
