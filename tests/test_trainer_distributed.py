@@ -56,19 +56,15 @@ def test_two_gloo_processes_equal_one_process_with_twice_the_batch(tmp_path):
     assert len(torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)["ranks"]) == 2
 
 
-def test_a_rank_that_dies_fails_the_job_with_a_clear_error(tmp_path):
+@pytest.mark.parametrize("mode, message", [
+    ("die", "rank 1 died on purpose"),  # a dying rank fails the job fast
+    ("save_on_rank0_only", "save_folder given must be the same on every rank"),  # an error, not a hang
+])
+def test_a_failing_job_fails_fast_with_a_clear_error(tmp_path, mode, message):
     started = time.monotonic()
-    done = torchrun("die", str(tmp_path), timeout=90)
+    done = torchrun(mode, str(tmp_path), timeout=90)
     assert done.returncode != 0
-    assert "rank 1 died on purpose" in done.stdout + done.stderr
-    assert time.monotonic() - started < 60
-
-
-def test_a_setting_given_on_one_rank_only_is_an_error_not_a_hang(tmp_path):
-    started = time.monotonic()
-    done = torchrun("save_on_rank0_only", str(tmp_path), timeout=90)
-    assert done.returncode != 0
-    assert "save_folder given must be the same on every rank" in done.stdout + done.stderr
+    assert message in done.stdout + done.stderr
     assert time.monotonic() - started < 60
 
 
