@@ -219,3 +219,22 @@ def test_lp_layernorm_uses_kernel_on_cuda():
     for got, expected in ((x.grad, x64.grad), (ln.weight.grad, w64.grad), (ln.bias.grad, b64.grad)):
         assert got.dtype == torch.float32
         assert float((got.double() - expected).norm() / expected.norm()) < 2e-2
+
+
+def test_norm_modules_follow_autocast_on_meta_and_float64_inputs():
+    """Meta tensors (shape tracing, deferred init) work, and autocast leaves a float64 input float64."""
+    from slipstream.nn import FusedGroupNorm, LPGroupNorm, LPLayerNorm
+
+    layer_norms = (FusedLayerNorm(8), LPLayerNorm(8))
+    group_norms = (FusedGroupNorm(2, 8), LPGroupNorm(2, 8))
+    for module in layer_norms + group_norms:
+        assert module.to("meta")(torch.empty(3, 8, 4 if module in group_norms else 8, device="meta")).is_meta
+    x = torch.randn(3, 8, 8, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for module in (FusedLayerNorm(8), LPLayerNorm(8), FusedGroupNorm(2, 8), LPGroupNorm(2, 8)):
+            module.double()
+            reference = (nn.LayerNorm(8) if isinstance(module, nn.LayerNorm) else nn.GroupNorm(2, 8)).double()
+            reference.load_state_dict(module.state_dict())
+            y = module(x)
+            assert y.dtype == torch.float64
+            assert float((y - reference(x)).detach().abs().max()) < 1e-12

@@ -395,3 +395,27 @@ def test_layout_strides_are_memoized_and_match_the_tensor():
     assert _ncs_strides(x) == (x.stride(0), x.stride(1), x.stride(3)) == _ncs_strides(x)
     assert _ncs_strides_of.cache_info().hits > hits
     assert _ncs_strides(torch.randn(2, 6, 4, 4)[:, :, ::2, :]) is None  # spatial dims that do not flatten
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float32: the kernel under the interpreter
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_second_order_gradients_match_pytorch(dtype, activation):
+    """create_graph=True (gradient penalties): gradients of gradients as PyTorch's own group norm gives them."""
+    x, w, b = torch.randn(2, 6, 5, dtype=dtype), torch.randn(6, dtype=dtype), torch.randn(6, dtype=dtype)
+
+    def reference(t, w, b):
+        y = F.group_norm(t, 3, w, b)
+        return F.silu(y) if activation else y
+
+    def penalty(norm, tensors):
+        x, w, b = (t.detach().clone().requires_grad_() for t in tensors)
+        gx, gw = torch.autograd.grad(norm(x * 1.5, w, b).pow(3).sum(), (x, w), create_graph=True)
+        return torch.autograd.grad(gx.pow(2).sum() + gw.sum(), (x, w, b))
+
+    ours = penalty(lambda t, w, b: group_norm(t, 3, w, b, activation=activation), (x, w, b))
+    expected = penalty(reference, [t.double() for t in (x, w, b)])
+    for got, ref in zip(ours, expected):
+        assert rel_err(got, ref) < (1e-5 if dtype == torch.float32 else 1e-12)
+    x64 = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    w64, b64 = (torch.randn(4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradgradcheck(lambda t, w, b: group_norm(t, 2, w, b, activation=activation), (x64, w64, b64))

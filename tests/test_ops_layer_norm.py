@@ -256,3 +256,22 @@ def test_bad_arguments_are_named(kwargs, error):
     name = next(iter(kwargs))
     with pytest.raises(error, match=name):
         layer_norm(args.pop("x"), args.pop("normalized_shape"), **args, out_dtype=out_dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float32: the kernel under the interpreter
+def test_second_order_gradients_match_pytorch(dtype):
+    """create_graph=True (gradient penalties): gradients of gradients as PyTorch's own layer norm gives them."""
+    x, w, b = torch.randn(5, 3, 12, dtype=dtype), torch.randn(12, dtype=dtype), torch.randn(12, dtype=dtype)
+
+    def penalty(norm, tensors):
+        x, w, b = (t.detach().clone().requires_grad_() for t in tensors)
+        gx, gw = torch.autograd.grad(norm(x * 1.5, w, b).pow(3).sum(), (x, w), create_graph=True)
+        return torch.autograd.grad(gx.pow(2).sum() + gw.sum(), (x, w, b))
+
+    ours = penalty(lambda t, w, b: layer_norm(t, 12, w, b), (x, w, b))
+    expected = penalty(lambda t, w, b: F.layer_norm(t, (12,), w, b), [t.double() for t in (x, w, b)])
+    for got, ref in zip(ours, expected):
+        assert rel_err(got, ref) < (1e-5 if dtype == torch.float32 else 1e-12)
+    x64 = torch.randn(3, 2, 6, dtype=torch.float64, requires_grad=True)
+    w64, b64 = (torch.randn(2, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradgradcheck(lambda t, w, b: layer_norm(t, (2, 6), w, b), (x64, w64, b64))

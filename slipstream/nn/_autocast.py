@@ -11,10 +11,25 @@ from torch import nn
 from slipstream.surgery import SurgeryWarning
 
 
+#: The dtypes autocast casts; it leaves any other input (float64, integers) as it is.
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def active_autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
-    """The autocast dtype in force for ``x``'s device type, or None when autocast is off there."""
+    """The autocast dtype in force for ``x``, or None when autocast is off there or would leave ``x`` alone.
+
+    Example:
+        >>> with torch.autocast('cpu', dtype=torch.bfloat16):
+        ...     active_autocast_dtype(torch.ones(1)), active_autocast_dtype(torch.ones(1, dtype=torch.float64))
+        (torch.bfloat16, None)
+    """
+    if x.dtype not in _AUTOCAST_ELIGIBLE:
+        return None
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+    except RuntimeError:  # a device type without autocast (meta tensors: shape tracing, deferred init)
         return None
     return torch.get_autocast_dtype(device_type)
 

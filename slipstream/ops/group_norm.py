@@ -239,14 +239,35 @@ class _EagerGroupNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, num_groups, eps, silu, out_dtype):
         y, mean, rstd = _forward_impl(x, weight, bias, num_groups, eps, silu, out_dtype)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.num_groups, ctx.silu = num_groups, silu
+        ctx.num_groups, ctx.silu, ctx.eps = num_groups, silu, eps
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
+        if torch.is_grad_enabled():  # create_graph=True: gradient penalties, double backward
+            return _gradients_with_graph(ctx, grad_y)
         x, weight, bias, mean, rstd = ctx.saved_tensors
         dx, dweight, dbias = _backward_impl(grad_y, x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu)
         return dx, dweight, dbias, None, None, None, None
+
+
+def _gradients_with_graph(ctx, grad_y: Tensor) -> tuple[Optional[Tensor], ...]:
+    """The gradients as differentiable PyTorch ops, from ``F.group_norm`` (and SiLU) recomputed in fp32.
+
+    The kernels and the fallback treat the saved statistics as constants, so their gradients would
+    differentiate wrongly a second time; PyTorch's own group norm differentiates twice.
+    """
+    x, weight, bias, _, _ = ctx.saved_tensors
+    compute = _compute_dtype(x)
+    y = F.group_norm(x.to(compute), ctx.num_groups, None if weight is None else weight.to(compute),
+                     None if bias is None else bias.to(compute), ctx.eps)
+    if ctx.silu:
+        y = F.silu(y)
+    inputs = (x, weight, bias)
+    found = iter(torch.autograd.grad(y, [t for t, need in zip(inputs, ctx.needs_input_grad) if need],
+                                     grad_y.to(compute), create_graph=True))
+    grads = [next(found).to(t.dtype) if need else None for t, need in zip(inputs, ctx.needs_input_grad)]
+    return (*grads, None, None, None, None)
 
 
 def check_activation(activation: Optional[str]) -> None:

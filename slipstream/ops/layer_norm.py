@@ -315,11 +315,33 @@ class _EagerLayerNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, normalized_ndim, eps, out_dtype):
         y, stats = _forward(x, weight, bias, normalized_ndim, eps, out_dtype)
         _save_for_backward(ctx, x, weight, bias, stats, normalized_ndim)
+        ctx.eps = eps
         return y
 
     @staticmethod
     def backward(ctx, dy):
+        if torch.is_grad_enabled():  # create_graph=True: gradient penalties, double backward
+            return _gradients_with_graph(ctx, dy)
         return _gradients(ctx, dy, _backward)
+
+
+def _gradients_with_graph(ctx, dy: Tensor) -> tuple[Optional[Tensor], ...]:
+    """The gradients as differentiable PyTorch ops, from ``F.layer_norm`` recomputed in fp32 (fp64 for fp64).
+
+    The kernels and the fallback treat the saved statistics as constants, so their gradients would
+    differentiate wrongly a second time; PyTorch's own layer norm differentiates twice.
+    """
+    x, weight, _ = ctx.saved_tensors
+    compute = _compute_dtype(x.dtype)
+    leading = tuple(range(x.dim() - ctx.normalized_ndim))
+    y = F.layer_norm(x.to(compute), x.shape[len(leading):], None if weight is None else weight.to(compute),
+                     None, ctx.eps)
+    wanted = [t for t, need in ((x, ctx.needs_input_grad[0]), (weight, ctx.needs_input_grad[1])) if need]
+    found = iter(torch.autograd.grad(y, wanted, dy.to(compute), create_graph=True))
+    dx = next(found).to(x.dtype) if ctx.needs_input_grad[0] else None
+    dw = next(found).to(weight.dtype) if ctx.needs_input_grad[1] else None
+    db = dy.to(compute).sum(leading).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+    return dx, dw, db, None, None, None
 
 
 def _forward_op_body(
