@@ -192,3 +192,17 @@ def test_mid_epoch_resume_of_a_loader_the_trainer_does_not_rebuild_warns(tmp_pat
                             max_duration="1ep", load_path=folder, algorithms=[CrashAt(None)])
     with pytest.warns(UserWarning, match="resuming mid-epoch with a OwnLoader"):
         resumed.fit()
+
+
+def test_a_checkpoint_of_another_world_size_warns_and_takes_rank_zeros_run_state(tmp_path):
+    folder = str(tmp_path)
+    build_run(seed_of_init=0, dropout="low_memory_dropout", save_folder=folder, max_duration="2ba")[0].fit()
+    checkpoint = torch.load(os.path.join(folder, LATEST), weights_only=True)
+    checkpoint["ranks"].append(checkpoint["ranks"][0])  # as if saved by two processes
+    torch.save(checkpoint, os.path.join(folder, "two_ranks.pt"))
+    with pytest.warns(UserWarning, match="saved by 2 processes, this run has 1"):
+        resumed = build_run(seed_of_init=1, dropout="low_memory_dropout", max_duration="3ba",
+                            load_path=os.path.join(folder, "two_ranks.pt"))[0]
+    from slipstream.nn import save_run_state
+
+    assert str(save_run_state(resumed.state.model)) == str(checkpoint["run_state"])

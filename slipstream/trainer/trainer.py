@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from slipstream.algorithms.base import Algorithm, Event, State
+from slipstream.nn.run_state import load_run_state
 from slipstream.time import Time
 from slipstream.trainer.amp import autocast, grad_scaler, resolve_precision
-from slipstream.nn.run_state import load_run_state
 from slipstream.trainer.checkpoint import (build_checkpoint, load_checkpoint, rank_entry, restore_checkpoint,
                                           save_checkpoint)
 from slipstream.trainer.data import EpochLoader, batch_size_of, move_to_device, shard_eval_loader
@@ -345,8 +345,8 @@ class Trainer:
             self._loss_window = torch.tensor(own["loss_window"], dtype=torch.float64, device=self.device)
         else:
             warnings.warn(f"the checkpoint was saved by {len(ranks)} processes, this run has "
-                          f"{self.dist.world_size}: random streams and modules' run state continue from rank 0's "
-                          "and this run's seeding, not each rank's own")
+                          f"{self.dist.world_size}: every rank takes rank 0's modules' run state, and random streams "
+                          "continue from this run's seeding, not each rank's own")
 
     # ---- misc -----------------------------------------------------------------------------------
 
