@@ -37,7 +37,8 @@ class LPGroupNorm(nn.GroupNorm):
     Under autocast, input, weight and bias are cast to the autocast dtype and the norm runs with
     autocast off, so its output is in that dtype. On CUDA (with Triton) it instead runs slipstream's
     GroupNorm kernel, which reads them as they are (any layout), computes in fp32 and writes the
-    autocast dtype: the same result without the casts and layout copies around PyTorch's kernel.
+    autocast dtype: the same output dtype without the casts and layout copies around PyTorch's kernel,
+    and statistics from the unrounded input (within the output dtype's rounding of the cast path).
     Outside autocast it is exactly ``nn.GroupNorm``.
 
     Example:
