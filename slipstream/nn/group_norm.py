@@ -38,7 +38,8 @@ class LPGroupNorm(nn.GroupNorm):
     autocast off, so its output is in that dtype. On CUDA (with Triton) it instead runs slipstream's
     GroupNorm kernel, which reads them as they are (any layout), computes in fp32 and writes the
     autocast dtype: the same output dtype without the casts and layout copies around PyTorch's kernel,
-    and statistics from the unrounded input (within the output dtype's rounding of the cast path).
+    and statistics from the unrounded input (so not bit-identical to the cast path: differences of
+    the order of the output dtype's rounding).
     Outside autocast it is exactly ``nn.GroupNorm``.
 
     Example:

@@ -39,8 +39,9 @@ class LPLayerNorm(nn.LayerNorm):
     Under autocast, input, weight and bias are cast to the autocast dtype and the norm runs with
     autocast off, so its output is in that dtype. On CUDA (with Triton) it instead runs slipstream's
     fused kernel, which reads them as they are, computes in fp32 and writes the autocast dtype: the
-    same output dtype without the cast kernels, and statistics from the unrounded input (within the
-    output dtype's rounding of the cast path). Outside autocast it is exactly ``nn.LayerNorm``.
+    same output dtype without the cast kernels, and statistics from the unrounded input (so not
+    bit-identical to the cast path: differences of the order of the output dtype's rounding).
+    Outside autocast it is exactly ``nn.LayerNorm``.
 
     Example:
         >>> ln = LPLayerNorm(8)
