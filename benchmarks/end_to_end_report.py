@@ -110,7 +110,8 @@ def _target_lines(result: dict) -> list[str]:
     def ratio_line(label: str, reference: str, other: str, target: float) -> None:
         if reference in configs and other in configs:
             ratio, low, high = speedup(configs[reference], configs[other])
-            lines.append(f"- {label}: {ratio:.2f}x ({low:.2f}-{high:.2f}), target >= {target:.2f}x: {target_status(low, high, target)}")
+            status = target_status(low, high, target)
+            lines.append(f"- {label}: {ratio:.2f}x ({low:.2f}-{high:.2f}), target >= {target:.2f}x: {status}")
 
     ratio_line("all methods vs eager", "eager", "all", TARGET_ALL_VS_EAGER.get(result["model"], 1.0))
     ratio_line("all methods + torch.compile vs torch.compile", "compile", "all+compile", 1.0)
