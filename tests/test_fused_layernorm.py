@@ -238,3 +238,29 @@ def test_norm_modules_follow_autocast_on_meta_and_float64_inputs():
             y = module(x)
             assert y.dtype == torch.float64
             assert float((y - reference(x)).detach().abs().max()) < 1e-12
+
+
+def test_torch_func_transforms_run_the_pytorch_math():
+    """vmap and grad over the fused norms (per-sample gradients, functional training) equal PyTorch's norms."""
+    from torch.func import functional_call, grad, vmap
+
+    from slipstream.nn import FusedGroupNorm
+
+    cases = ((FusedLayerNorm(8), lambda p, t: F.layer_norm(t, (8,), p["weight"], p["bias"]), (5, 3, 8)),
+             (FusedGroupNorm(2, 4, activation="silu"),
+              lambda p, t: F.silu(F.group_norm(t, 2, p["weight"], p["bias"])), (5, 3, 4, 6)))
+    for module, reference, shape in cases:
+        with torch.no_grad():
+            module.weight.normal_(), module.bias.normal_()
+        params = {name: p.detach() for name, p in module.named_parameters()}
+        x = torch.randn(shape)
+        assert torch.allclose(vmap(module)(x), vmap(lambda t: reference(params, t))(x), atol=1e-6)
+
+        def per_sample_loss(p, t, fn):
+            return fn(p, t).pow(2).sum()
+
+        ours = vmap(grad(per_sample_loss), in_dims=(None, 0, None))(
+            params, x, lambda p, t: functional_call(module, p, (t,)))
+        expected = vmap(grad(per_sample_loss), in_dims=(None, 0, None))(params, x, reference)
+        for name in params:
+            assert torch.allclose(ours[name], expected[name], atol=1e-5)

@@ -400,4 +400,6 @@ def _group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Opti
         if path != "kernel":
             raise ValueError(f"slipstream.config.compiled_group_norm must be 'inductor' or 'kernel', got {path!r}")
         return _forward_op(*args)[0]  # the custom op: no graph breaks, our kernels
+    if torch._C._are_functorch_transforms_active():  # vmap, grad, jacrev: PyTorch ops, which they transform
+        return _math_for_inductor(*args)
     return _EagerGroupNorm.apply(*args)

@@ -98,6 +98,8 @@ def _layer_norm(
         if path != "kernel":
             raise ValueError(f"slipstream.config.compiled_layer_norm must be 'inductor' or 'kernel', got {path!r}")
         return torch.ops.slipstream.layer_norm_fwd(*args)[0]  # the triton_op, whose launches the compiler sees
+    if torch._C._are_functorch_transforms_active():  # vmap, grad, jacrev: PyTorch ops, which they transform
+        return _math_for_inductor(x, shape, weight, bias, eps, out_dtype)
     return _EagerLayerNorm.apply(*args)
 
 
