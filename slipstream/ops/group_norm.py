@@ -252,17 +252,14 @@ class _EagerGroupNorm(torch.autograd.Function):
 
 
 def _gradients_with_graph(ctx, grad_y: Tensor) -> tuple[Optional[Tensor], ...]:
-    """The gradients as differentiable PyTorch ops, from ``F.group_norm`` (and SiLU) recomputed in fp32.
+    """The gradients as differentiable PyTorch ops, from :func:`_math_in_torch_ops` recomputed in fp32.
 
     The kernels and the fallback treat the saved statistics as constants, so their gradients would
     differentiate wrongly a second time; PyTorch's own group norm differentiates twice.
     """
     x, weight, bias, _, _ = ctx.saved_tensors
     compute = _compute_dtype(x)
-    y = F.group_norm(x.to(compute), ctx.num_groups, None if weight is None else weight.to(compute),
-                     None if bias is None else bias.to(compute), ctx.eps)
-    if ctx.silu:
-        y = F.silu(y)
+    y = _math_in_torch_ops(x, weight, bias, ctx.num_groups, ctx.eps, ctx.silu, compute)
     inputs = (x, weight, bias)
     found = iter(torch.autograd.grad(y, [t for t, need in zip(inputs, ctx.needs_input_grad) if need],
                                      grad_y.to(compute), create_graph=True))
@@ -371,9 +368,11 @@ def group_norm_of_module(module: torch.nn.GroupNorm, x: Tensor, activation: Opti
     return _group_norm(x, module.num_groups, module.weight, module.bias, float(module.eps), activation, out_dtype)
 
 
-def _math_for_inductor(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float,
+def _math_in_torch_ops(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float,
                        silu: bool, out_dtype: torch.dtype) -> Tensor:
-    """The op's function as ``F.group_norm`` in fp32, for Inductor: ``out_dtype`` out, in x's layout.
+    """The op's function as ``F.group_norm`` in fp32: ``out_dtype`` out, in x's layout.
+
+    What Inductor fuses, what ``torch.func`` transforms, and what a gradient with a graph comes from.
 
     ATen's group norm, not :func:`group_norm_reference`'s tensor ops: Inductor lowers it with its own
     GroupNorm decomposition, forward and backward, as it does for a model compiled without us, so the
@@ -396,10 +395,10 @@ def _group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Opti
     if torch.compiler.is_compiling():
         path = config.compiled_group_norm
         if path == "inductor":
-            return _math_for_inductor(*args)
+            return _math_in_torch_ops(*args)
         if path != "kernel":
             raise ValueError(f"slipstream.config.compiled_group_norm must be 'inductor' or 'kernel', got {path!r}")
         return _forward_op(*args)[0]  # the custom op: no graph breaks, our kernels
     if torch._C._are_functorch_transforms_active():  # vmap, grad, jacrev: PyTorch ops, which they transform
-        return _math_for_inductor(*args)
+        return _math_in_torch_ops(*args)
     return _EagerGroupNorm.apply(*args)

@@ -94,20 +94,23 @@ def _layer_norm(
     if torch.compiler.is_compiling():
         path = config.compiled_layer_norm
         if path == "inductor":
-            return _math_for_inductor(x, shape, weight, bias, eps, out_dtype)
+            return _math_in_torch_ops(x, shape, weight, bias, eps, out_dtype)
         if path != "kernel":
             raise ValueError(f"slipstream.config.compiled_layer_norm must be 'inductor' or 'kernel', got {path!r}")
         return torch.ops.slipstream.layer_norm_fwd(*args)[0]  # the triton_op, whose launches the compiler sees
     if torch._C._are_functorch_transforms_active():  # vmap, grad, jacrev: PyTorch ops, which they transform
-        return _math_for_inductor(x, shape, weight, bias, eps, out_dtype)
+        return _math_in_torch_ops(x, shape, weight, bias, eps, out_dtype)
     return _EagerLayerNorm.apply(*args)
 
 
-def _math_for_inductor(
+def _math_in_torch_ops(
     x: Tensor, shape: tuple[int, ...], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
     out_dtype: Optional[torch.dtype],
 ) -> Tensor:
-    """The op's function in PyTorch ops, for Inductor to fuse: fp32 math, ``out_dtype`` out."""
+    """The op's function in PyTorch ops: fp32 math, ``out_dtype`` out.
+
+    What Inductor fuses, what ``torch.func`` transforms, and what a gradient with a graph comes from.
+    """
     compute = _compute_dtype(x.dtype)
     with torch.autocast(x.device.type, enabled=False):
         y = F.layer_norm(x.to(compute), shape, None if weight is None else weight.to(compute),
@@ -328,7 +331,7 @@ class _EagerLayerNorm(torch.autograd.Function):
 
 
 def _gradients_with_graph(ctx, dy: Tensor) -> tuple[Optional[Tensor], ...]:
-    """The gradients as differentiable PyTorch ops, from ``F.layer_norm`` recomputed in fp32 (fp64 for fp64).
+    """The gradients as differentiable PyTorch ops, from :func:`_math_in_torch_ops` recomputed in fp32 (fp64 for fp64).
 
     The kernels and the fallback treat the saved statistics as constants, so their gradients would
     differentiate wrongly a second time; PyTorch's own layer norm differentiates twice.
@@ -336,8 +339,7 @@ def _gradients_with_graph(ctx, dy: Tensor) -> tuple[Optional[Tensor], ...]:
     x, weight, _ = ctx.saved_tensors
     compute = _compute_dtype(x.dtype)
     leading = tuple(range(x.dim() - ctx.normalized_ndim))
-    y = F.layer_norm(x.to(compute), x.shape[len(leading):], None if weight is None else weight.to(compute),
-                     None, ctx.eps)
+    y = _math_in_torch_ops(x, x.shape[len(leading):], weight, None, ctx.eps, compute)  # no bias: dB is sum(dy)
     wanted = [t for t, need in ((x, ctx.needs_input_grad[0]), (weight, ctx.needs_input_grad[1])) if need]
     found = iter(torch.autograd.grad(y, wanted, dy.to(compute), create_graph=True))
     dx = next(found).to(x.dtype) if ctx.needs_input_grad[0] else None
