@@ -115,12 +115,18 @@ class _ScaledOnce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(scales)
-        return torch.mul(x, scales, out=torch.empty_like(x))
+        return _scaled_once(x, scales)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (scales,) = ctx.saved_tensors
-        return _ScaledOnce.apply(grad, scales), None  # through apply: differentiable under create_graph
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable in turn
+            return _ScaledOnce.apply(grad, scales), None
+        return _scaled_once(grad, scales), None
+
+
+def _scaled_once(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return torch.mul(x, scales, out=torch.empty_like(x))  # computed in the wider dtype, written in x's
 
 
 def _scale_equal_groups(x: torch.Tensor, scales: torch.Tensor, size: int) -> torch.Tensor:
