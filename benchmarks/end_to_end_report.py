@@ -77,7 +77,7 @@ def _results_table(result: dict) -> str:
     configs = _by_name(result)
     eager, compiled = configs.get("eager"), configs.get("compile")
     table = Table([
-        "config", "step ms (median)", "spread ms", result["unit"], "peak MiB", f"mean loss, steps {max(1, result['loss_steps'] - FINAL_LOSS_STEPS + 1)}-{result['loss_steps']}",
+        "config", "step ms (median)", "spread ms", result["unit"], "peak MiB", f"median loss, steps {max(1, result['loss_steps'] - FINAL_LOSS_STEPS + 1)}-{result['loss_steps']}",
         "vs eager", "vs compile",
     ])
     for c in result["configs"]:
@@ -140,7 +140,7 @@ def model_section(result: dict) -> str:
     header = (
         f"### {result['model']}\n\nbatch {result['batch']}; {result['steps']} timed steps x {result['rounds']} "
         f"rounds (configurations interleaved); step time = median over rounds of each round's median, spread = "
-        f"min-max of the round medians; loss = mean of the last {FINAL_LOSS_STEPS} of {result['loss_steps']} steps, same seed and batches."
+        f"min-max of the round medians; loss = median of the last {FINAL_LOSS_STEPS} of {result['loss_steps']} steps, same seed and batches."
     )
     failures = "\n".join(f"- `{name}` failed: {error}" for name, error in result["failed"].items())
     parts = [header, "\n".join(_surgery_lines(result)), _results_table(result), failures,
