@@ -67,7 +67,8 @@ def _surgery_lines(result: dict) -> list[str]:
             applied = "; ".join(f"`{m}` {s}" for m, s in config["surgery"].items())
             lines.append(f"- `{config['name']}` applies, in order: {applied}")
         if config["compiled"]:
-            lines.append(f"- `{config['name']}`: {config['graph_breaks']} graph breaks, {config['graphs']} graphs compiled")
+            lines.append(f"- `{config['name']}`: {config['graph_breaks']} graph breaks, "
+                         f"{config['graphs']} graphs compiled")
     if result["dropout_mask_bytes"]:
         lines.append(f"- eager dropout masks (nn.Dropout, p > 0): {result['dropout_mask_bytes'] / MIB:.3g} MiB a step")
     return lines
@@ -76,8 +77,9 @@ def _surgery_lines(result: dict) -> list[str]:
 def _results_table(result: dict) -> str:
     configs = _by_name(result)
     eager, compiled = configs.get("eager"), configs.get("compile")
+    loss_steps = f"{max(1, result['loss_steps'] - FINAL_LOSS_STEPS + 1)}-{result['loss_steps']}"
     table = Table([
-        "config", "step ms (median)", "spread ms", result["unit"], "peak MiB", f"median loss, steps {max(1, result['loss_steps'] - FINAL_LOSS_STEPS + 1)}-{result['loss_steps']}",
+        "config", "step ms (median)", "spread ms", result["unit"], "peak MiB", f"median loss, steps {loss_steps}",
         "vs eager", "vs compile",
     ])
     for c in result["configs"]:
@@ -140,7 +142,8 @@ def model_section(result: dict) -> str:
     header = (
         f"### {result['model']}\n\nbatch {result['batch']}; {result['steps']} timed steps x {result['rounds']} "
         f"rounds (configurations interleaved); step time = median over rounds of each round's median, spread = "
-        f"min-max of the round medians; loss = median of the last {FINAL_LOSS_STEPS} of {result['loss_steps']} steps, same seed and batches."
+        f"min-max of the round medians; loss = median of the last {FINAL_LOSS_STEPS} of {result['loss_steps']} "
+        "steps, same seed and batches."
     )
     failures = "\n".join(f"- `{name}` failed: {error}" for name, error in result["failed"].items())
     parts = [header, "\n".join(_surgery_lines(result)), _results_table(result), failures,
