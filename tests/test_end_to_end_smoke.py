@@ -165,3 +165,52 @@ def test_kernel_dropout_configuration_compiles_with_the_kernel_dropout_path():
         ("compile", (), True, None),
         ("all+compile, kernel dropout", ("low_memory_dropout",), True, "kernel"),
     ]
+
+
+def _config(name: str, median: float, low: float, high: float) -> dict:
+    return {"name": name, "median_ms": median, "min_ms": low, "max_ms": high}
+
+
+def test_plot_comparisons_pair_each_configuration_with_its_reference_and_the_later_file_wins():
+    from benchmarks.end_to_end_plot import comparisons
+
+    old = {"model": "gpt2", "configs": [_config("eager", 50.0, 50.0, 50.0), _config("all", 50.0, 50.0, 50.0)]}
+    new = {"model": "gpt2", "configs": [
+        _config("eager", 45.0, 44.0, 46.0), _config("compile", 20.0, 19.0, 22.0),
+        _config("all", 54.0, 48.0, 60.0), _config("all+compile", 18.0, 17.0, 20.0),
+    ]}
+    unet = {"model": "unet", "configs": [_config("compile-cudagraphs", 31.0, 30.0, 32.0),
+                                         _config("all+compile-cudagraphs", 30.0, 29.0, 31.0)]}
+    bars = {(b.model, b.config, b.reference): b for b in comparisons([old, new, unet])}
+    assert set(bars) == {("gpt2", "all", "eager"), ("gpt2", "compile", "eager"), ("gpt2", "all+compile", "compile"),
+                         ("unet", "all+compile-cudagraphs", "compile-cudagraphs")}
+    all_vs_eager = bars["gpt2", "all", "eager"]
+    assert (all_vs_eager.ratio, all_vs_eager.low, all_vs_eager.high) == pytest.approx((45 / 54, 44 / 60, 46 / 48))
+    assert all_vs_eager.target == 1.05
+    assert bars["gpt2", "all+compile", "compile"].target is None
+    assert bars["unet", "all+compile-cudagraphs", "compile-cudagraphs"].ratio == pytest.approx(31 / 30)
+
+
+def test_plot_writes_a_png_from_result_files(tmp_path):
+    pytest.importorskip("matplotlib")
+    import json
+
+    from benchmarks import end_to_end_plot
+
+    results = {"models": [{"model": "bert", "configs": [_config("eager", 40.0, 39.0, 41.0),
+                                                         _config("all", 36.0, 35.0, 38.0)]}]}
+    source, png = tmp_path / "r.json", tmp_path / "r.png"
+    source.write_text(json.dumps(results))
+    end_to_end_plot.main(["--json", str(source), "--png", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_refuses_files_without_a_comparison(tmp_path):
+    import json
+
+    from benchmarks import end_to_end_plot
+
+    source = tmp_path / "r.json"
+    source.write_text(json.dumps({"models": [{"model": "bert", "configs": [_config("eager", 40.0, 39.0, 41.0)]}]}))
+    with pytest.raises(SystemExit, match="no comparison"):
+        end_to_end_plot.main(["--json", str(source), "--png", str(tmp_path / "r.png")])
