@@ -90,8 +90,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--profile", help="after the rounds, profile a few steps of each configuration; "
                                           "write top kernels, host time and host syncs here (markdown)")
     parser.add_argument("--loss-curve", action="store_true",
-                        help="instead: loss curves with and without all methods, two baseline seeds")
+                        help="instead: loss curves with and without all methods, at --curve-seeds seeds")
     parser.add_argument("--curve-steps", type=int, default=200)
+    parser.add_argument("--curve-seeds", type=int, default=3, help="--loss-curve seeds (>= 2)")
     parser.add_argument("--png", default="end_to_end_loss_curve.png", help="--loss-curve plot")
     args = parser.parse_args(argv)
     for name in ("steps", "rounds", "curve_steps", "batch_scale"):
@@ -99,6 +100,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
+    if args.curve_seeds < 2:
+        parser.error("--curve-seeds must be >= 2: the seed noise is a gap between two baseline seeds")
     if not args.quick and not torch.cuda.is_available():
         parser.error("full-size models need a CUDA GPU; use --quick for a CPU smoke run")
     return args

@@ -214,3 +214,53 @@ def test_plot_refuses_files_without_a_comparison(tmp_path):
     source.write_text(json.dumps({"models": [{"model": "bert", "configs": [_config("eager", 40.0, 39.0, 41.0)]}]}))
     with pytest.raises(SystemExit, match="no comparison"):
         end_to_end_plot.main(["--json", str(source), "--png", str(tmp_path / "r.png")])
+
+
+def test_loss_curve_moving_median_and_spikes():
+    from benchmarks.end_to_end_loss_curve import moving_median, spikes
+
+    assert moving_median([4.0, 1.0, 3.0, 2.0, 9.0], 3) == [3.0, 2.0, 3.0]
+    assert moving_median([5.0, 7.0], 2) == [5.0]  # the lower middle
+    falling = [10.0, 9.0, 8.0, 7.5, 7.2, 7.0, 6.9, 6.9]
+    assert spikes(falling, window=3) == []  # a falling curve is not a spike
+    assert spikes(falling[:6] + [19.0, 18.5, 6.9, 6.9], window=3) == [7, 8]
+
+
+def test_loss_curve_judge_ignores_a_spike_but_not_a_shifted_curve():
+    from benchmarks.end_to_end_loss_curve import judge
+
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(0)
+
+    def curve(level: float) -> list:
+        return (level + 0.01 * torch.randn(60, generator=g)).tolist()
+
+    baseline = {0: curve(6.90), 1: curve(6.92), 2: curve(6.91)}
+    spiked = curve(6.90)
+    spiked[30:32] = [19.0, 18.0]  # a two-step spike, as GPT-2 has in some runs and not others
+    verdict = judge(baseline, {0: spiked, 1: curve(6.92), 2: curve(6.91)}, window=10)
+    assert verdict["passed"] and verdict["method_gaps"][0] < verdict["seed_gap"]
+    assert verdict["seed_gap"] == pytest.approx(0.02, abs=0.008)  # the largest pair: seeds 0 and 1
+    shifted = judge(baseline, {0: curve(6.90), 1: curve(6.92), 2: curve(6.96)}, window=10)
+    assert not shifted["passed"] and shifted["method_gaps"][2] > shifted["seed_gap"]
+
+
+def test_loss_curve_quick_run_reports_every_seed(tmp_path):
+    import json
+
+    benchmark = _load_benchmark()
+    out, data = tmp_path / "curve.md", tmp_path / "curve.json"
+    benchmark.main(["--quick", "--loss-curve", "--curve-steps", "8", "--curve-seeds", "2",
+                    "--png", str(tmp_path / "c.png"), "--out", str(out), "--json", str(data)])
+    result = json.loads(data.read_text())
+    assert set(result["curves"]) == {
+        "baseline, seed 0", "baseline, seed 1", "all methods, seed 0", "all methods, seed 1"}
+    assert all(len(c) == 8 and all(math.isfinite(v) for v in c) for c in result["curves"].values())
+    assert set(result["method_gaps"]) == {"0", "1"} and result["seed_gap"] > 0
+    assert "seed noise" in out.read_text()
+
+
+def test_loss_curve_needs_two_seeds():
+    benchmark = _load_benchmark()
+    with pytest.raises(SystemExit):
+        benchmark.main(["--quick", "--loss-curve", "--curve-seeds", "1"])
