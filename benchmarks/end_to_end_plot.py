@@ -5,8 +5,8 @@ Per model, one bar per comparison the issue names: methods against eager (``all`
 (``all+compile`` vs ``compile``, ``all+compile-cudagraphs`` vs ``compile-cudagraphs``). Each bar is
 the ratio of median step times, its whisker the range ``min(ref)/max(x) .. max(ref)/min(x)`` of the
 round medians (as in the markdown report); the ``all`` vs ``eager`` bar carries the issue's target.
-Several files may be given (e.g. one per model group); a model found in two files is plotted from
-the later one.
+Several files may be given (e.g. one per model group). Each ratio comes from one file (one process),
+and a comparison found in two files is plotted from the later one.
 
 Run: ``python benchmarks/end_to_end_plot.py --json a.json b.json --png docs/img/end_to_end.png``
 """
@@ -45,8 +45,9 @@ class Comparison(NamedTuple):
 def comparisons(results: Sequence[dict]) -> list[Comparison]:
     """Every comparison in :data:`COMPARISONS` whose two configurations a result holds.
 
-    ``results``: the ``models`` lists of ``end_to_end.py --json`` files, one model's result each; a
-    later result of a model replaces an earlier one.
+    ``results``: the ``models`` lists of ``end_to_end.py --json`` files, one model's result each. Both
+    configurations of a comparison come from one result; a later result's comparison replaces the same
+    comparison of an earlier one (other comparisons of that model stay).
 
     Example:
         >>> eager = {"name": "eager", "median_ms": 10, "min_ms": 10, "max_ms": 10}
@@ -54,16 +55,15 @@ def comparisons(results: Sequence[dict]) -> list[Comparison]:
         >>> comparisons([{"model": "bert", "configs": [eager, fast]}])[0][:4]
         ('bert', 'all', 'eager', 1.25)
     """
-    latest = {result["model"]: result for result in results}
-    bars = []
-    for model, result in latest.items():
-        configs = {c["name"]: c for c in result["configs"]}
+    bars: dict[tuple[str, str, str], Comparison] = {}
+    for result in results:
+        model, configs = result["model"], {c["name"]: c for c in result["configs"]}
         for config, reference in COMPARISONS:
             if config in configs and reference in configs:
                 ratio, low, high = speedup(configs[reference], configs[config])
                 target = TARGET_ALL_VS_EAGER.get(model) if (config, reference) == ("all", "eager") else None
-                bars.append(Comparison(model, config, reference, ratio, low, high, target))
-    return bars
+                bars[model, config, reference] = Comparison(model, config, reference, ratio, low, high, target)
+    return list(bars.values())
 
 
 def plot(bars: Sequence[Comparison], title: str, path: str) -> None:

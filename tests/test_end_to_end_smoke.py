@@ -172,18 +172,23 @@ def _config(name: str, median: float, low: float, high: float) -> dict:
 
 
 def test_plot_comparisons_pair_each_configuration_with_its_reference_and_the_later_file_wins():
+    # gpt2's comparisons come from `new`, the later file; bert's only from `only_old`
     from benchmarks.end_to_end_plot import comparisons
 
-    old = {"model": "gpt2", "configs": [_config("eager", 50.0, 50.0, 50.0), _config("all", 50.0, 50.0, 50.0)]}
+    old = {"model": "gpt2", "configs": [_config("eager", 50.0, 50.0, 50.0), _config("all", 50.0, 50.0, 50.0),
+                                        _config("compile", 25.0, 25.0, 25.0)]}
     new = {"model": "gpt2", "configs": [
-        _config("eager", 45.0, 44.0, 46.0), _config("compile", 20.0, 19.0, 22.0),
-        _config("all", 54.0, 48.0, 60.0), _config("all+compile", 18.0, 17.0, 20.0),
+        _config("eager", 45.0, 44.0, 46.0), _config("all", 54.0, 48.0, 60.0),
+        _config("all+compile", 18.0, 17.0, 20.0), _config("compile", 20.0, 19.0, 22.0),
     ]}
+    only_old = {"model": "bert", "configs": [_config("eager", 40.0, 40.0, 40.0), _config("compile", 20.0, 20.0, 20.0)]}
     unet = {"model": "unet", "configs": [_config("compile-cudagraphs", 31.0, 30.0, 32.0),
                                          _config("all+compile-cudagraphs", 30.0, 29.0, 31.0)]}
-    bars = {(b.model, b.config, b.reference): b for b in comparisons([old, new, unet])}
+    bars = {(b.model, b.config, b.reference): b for b in comparisons([only_old, old, new, unet])}
     assert set(bars) == {("gpt2", "all", "eager"), ("gpt2", "compile", "eager"), ("gpt2", "all+compile", "compile"),
-                         ("unet", "all+compile-cudagraphs", "compile-cudagraphs")}
+                         ("unet", "all+compile-cudagraphs", "compile-cudagraphs"), ("bert", "compile", "eager")}
+    assert bars["gpt2", "compile", "eager"].ratio == pytest.approx(45 / 20)
+    assert bars["bert", "compile", "eager"].ratio == pytest.approx(2.0)
     all_vs_eager = bars["gpt2", "all", "eager"]
     assert (all_vs_eager.ratio, all_vs_eager.low, all_vs_eager.high) == pytest.approx((45 / 54, 44 / 60, 46 / 48))
     assert all_vs_eager.target == 1.05
