@@ -2,7 +2,7 @@
 
 Per model, one bar per comparison the issue names: methods against eager (``all`` vs ``eager``),
 ``compile`` against eager, and methods composed with a compile mode against that mode alone
-(``all+compile`` vs ``compile``, ``all+compile-cudagraphs`` vs ``compile-cudagraphs``). Each bar is
+(``all+compile`` vs ``compile``, ``all+compile, CUDA graphs`` vs ``compile, CUDA graphs``). Each bar is
 the ratio of median step times, its whisker the range ``min(ref)/max(x) .. max(ref)/min(x)`` of the
 round medians (as in the markdown report); the ``all`` vs ``eager`` bar carries the issue's target.
 Several files may be given (e.g. one per model group). Each ratio comes from one file (one process),
@@ -26,7 +26,7 @@ COMPARISONS = (
     ("all", "eager"),
     ("compile", "eager"),
     ("all+compile", "compile"),
-    ("all+compile-cudagraphs", "compile-cudagraphs"),
+    ("all+compile, CUDA graphs", "compile, CUDA graphs"),
 )
 
 

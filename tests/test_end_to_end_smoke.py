@@ -182,18 +182,18 @@ def test_plot_comparisons_pair_each_configuration_with_its_reference_and_the_lat
         _config("all+compile", 18.0, 17.0, 20.0), _config("compile", 20.0, 19.0, 22.0),
     ]}
     only_old = {"model": "bert", "configs": [_config("eager", 40.0, 40.0, 40.0), _config("compile", 20.0, 20.0, 20.0)]}
-    unet = {"model": "unet", "configs": [_config("compile-cudagraphs", 31.0, 30.0, 32.0),
-                                         _config("all+compile-cudagraphs", 30.0, 29.0, 31.0)]}
+    unet = {"model": "unet", "configs": [_config("compile, CUDA graphs", 31.0, 30.0, 32.0),
+                                         _config("all+compile, CUDA graphs", 30.0, 29.0, 31.0)]}
     bars = {(b.model, b.config, b.reference): b for b in comparisons([only_old, old, new, unet])}
     assert set(bars) == {("gpt2", "all", "eager"), ("gpt2", "compile", "eager"), ("gpt2", "all+compile", "compile"),
-                         ("unet", "all+compile-cudagraphs", "compile-cudagraphs"), ("bert", "compile", "eager")}
+                         ("unet", "all+compile, CUDA graphs", "compile, CUDA graphs"), ("bert", "compile", "eager")}
     assert bars["gpt2", "compile", "eager"].ratio == pytest.approx(45 / 20)
     assert bars["bert", "compile", "eager"].ratio == pytest.approx(2.0)
     all_vs_eager = bars["gpt2", "all", "eager"]
     assert (all_vs_eager.ratio, all_vs_eager.low, all_vs_eager.high) == pytest.approx((45 / 54, 44 / 60, 46 / 48))
     assert all_vs_eager.target == 1.05
     assert bars["gpt2", "all+compile", "compile"].target is None
-    assert bars["unet", "all+compile-cudagraphs", "compile-cudagraphs"].ratio == pytest.approx(31 / 30)
+    assert bars["unet", "all+compile, CUDA graphs", "compile, CUDA graphs"].ratio == pytest.approx(31 / 30)
 
 
 def test_plot_writes_a_png_from_result_files(tmp_path):
