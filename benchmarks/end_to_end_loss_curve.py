@@ -25,7 +25,9 @@ import torch
 
 from benchmarks.common import write_section
 from benchmarks.end_to_end_models import ModelSpec
-from benchmarks.end_to_end_training import Config, MethodFn, Trainee, batch_pool, free_device_memory
+from benchmarks.end_to_end_training import (
+    Config, MethodFn, Trainee, _tensor_bytes, batch_pool, free_device_memory,
+)
 
 __all__ = ["moving_median", "mean_gap", "spikes", "judge", "run_loss_curve"]
 
@@ -62,8 +64,8 @@ def spikes(curve: list[float], window: int, nats: float = SPIKE_NATS) -> list[in
         >>> spikes([5.0, 4.0, 3.0, 3.0, 19.0, 3.0], window=3)
         [5]
     """
-    return [i + 1 for i in range(window, len(curve))
-            if curve[i] > torch.tensor(curve[i - window:i]).median().item() + nats]
+    before = moving_median(curve[:-1], window) if len(curve) > window else []  # before[j]: steps j .. j + window - 1
+    return [j + window + 1 for j, median in enumerate(before) if curve[j + window] > median + nats]
 
 
 def judge(baseline: dict[int, list[float]], methods: dict[int, list[float]], window: int) -> dict:
@@ -124,8 +126,7 @@ def _plot(curves: dict[str, list[float]], window: int, title: str, path: str) ->
 def run_loss_curve(spec: ModelSpec, args: argparse.Namespace, methods: dict[str, MethodFn],
                    device: torch.device, env: str) -> dict:
     """Train the curves, judge the methods against the seed noise, plot, and report."""
-    one = batch_pool(spec, args.quick, device, count=1)[0]
-    batch_bytes = sum(t.numel() * t.element_size() for t in one.values())
+    batch_bytes = _tensor_bytes(batch_pool(spec, args.quick, device, count=1)[0].values())
     count = max(1, min(args.curve_steps, CURVE_POOL_BYTES // batch_bytes))
     batches = batch_pool(spec, args.quick, device, count=count)
     seeds = list(range(args.seed, args.seed + args.curve_seeds))
